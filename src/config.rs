@@ -1,0 +1,233 @@
+//! Settings, layered: built-in defaults < `config.toml` < `SLM_CHAT_*` environment < flags.
+//!
+//! The repository's `config.toml` lists every key with its default; a test keeps the two in
+//! step. Environment variables name a key as `SLM_CHAT_<SECTION>_<KEY>` in capitals, e.g.
+//! `SLM_CHAT_MODEL_PATH` or `SLM_CHAT_GENERATE_MAX_TOKENS`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::DeviceChoice;
+
+const ENV_PREFIX: &str = "SLM_CHAT_";
+
+/// Every setting slm-chat reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelSettings,
+    pub generate: GenerateSettings,
+    pub paths: PathSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSettings {
+    /// A GGUF file or Hugging Face folder; empty means the default model.
+    pub path: String,
+    pub device: DeviceChoice,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            device: DeviceChoice::Auto,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerateSettings {
+    pub max_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+impl Default for GenerateSettings {
+    fn default() -> Self {
+        Self {
+            max_tokens: 256,
+            temperature: 0.0,
+            top_p: 0.9,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct PathSettings {
+    /// Models and context trees; empty means the platform cache dir (`~/.cache/slm-chat`).
+    pub cache_dir: String,
+}
+
+/// What can go wrong reading settings.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("environment variable {name}: {reason}")]
+    Env { name: String, reason: String },
+}
+
+fn dirs() -> Option<directories::ProjectDirs> {
+    directories::ProjectDirs::from("", "", "slm-chat")
+}
+
+/// The user's config file (it need not exist).
+pub fn user_config_path() -> PathBuf {
+    dirs()
+        .map(|d| d.config_dir().join("config.toml"))
+        .unwrap_or_else(|| PathBuf::from("slm-chat-config.toml"))
+}
+
+impl Config {
+    /// Defaults, then `file` (or the user's config file when it exists), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut value = toml::Value::try_from(Config::default()).map_err(|e| ConfigError::File {
+            path: PathBuf::new(),
+            reason: e.to_string(),
+        })?;
+        let user = user_config_path();
+        let path = file.map(Path::to_path_buf).or(user.is_file().then_some(user));
+        if let Some(path) = path {
+            let err = |reason: String| ConfigError::File {
+                path: path.clone(),
+                reason,
+            };
+            let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
+            let file_value: toml::Value = toml::from_str(&text).map_err(|e| err(e.message().to_string()))?;
+            merge(&mut value, file_value);
+            Config::deserialize(value.clone()).map_err(|e| err(e.message().to_string()))?;
+        }
+        apply_env(&mut value, std::env::vars())?;
+        Config::deserialize(value).map_err(|e| ConfigError::Env {
+            name: format!("{ENV_PREFIX}*"),
+            reason: e.message().to_string(),
+        })
+    }
+
+    /// The cache root: models and trees.
+    pub fn cache_dir(&self) -> PathBuf {
+        if !self.paths.cache_dir.is_empty() {
+            return PathBuf::from(&self.paths.cache_dir);
+        }
+        dirs()
+            .map(|d| d.cache_dir().to_path_buf())
+            .unwrap_or_else(|| std::env::temp_dir().join("slm-chat"))
+    }
+
+    pub fn models_dir(&self) -> PathBuf {
+        self.cache_dir().join("models")
+    }
+
+    /// The settings as TOML, for `config show`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+/// Apply `SLM_CHAT_SECTION_KEY=value` pairs to the known keys of `value`.
+fn apply_env(
+    value: &mut toml::Value,
+    vars: impl Iterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let toml::Value::Table(root) = value else {
+        return Ok(());
+    };
+    for (name, raw) in vars {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let rest = rest.to_ascii_lowercase();
+        let mut hit = false;
+        for (section, table) in root.iter_mut() {
+            let Some(key) = rest.strip_prefix(&format!("{section}_")) else {
+                continue;
+            };
+            let toml::Value::Table(table) = table else {
+                continue;
+            };
+            let Some(slot) = table.get_mut(key) else {
+                continue;
+            };
+            *slot = parse_like(slot, &raw).ok_or_else(|| ConfigError::Env {
+                name: name.clone(),
+                reason: format!("'{raw}' is not a valid {}", slot.type_str()),
+            })?;
+            hit = true;
+        }
+        if !hit {
+            return Err(ConfigError::Env {
+                name,
+                reason: "no such setting (see `slm-chat config show`)".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn parse_like(slot: &toml::Value, raw: &str) -> Option<toml::Value> {
+    Some(match slot {
+        toml::Value::String(_) => toml::Value::String(raw.to_string()),
+        toml::Value::Integer(_) => toml::Value::Integer(raw.trim().parse().ok()?),
+        toml::Value::Float(_) => toml::Value::Float(raw.trim().parse().ok()?),
+        toml::Value::Boolean(_) => toml::Value::Boolean(raw.trim().parse().ok()?),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_repository_config_lists_every_key_with_its_default() {
+        let text = include_str!("../config.toml");
+        let parsed: Config = toml::from_str(text).expect("config.toml parses");
+        assert_eq!(parsed, Config::default());
+        let listed: toml::Value = toml::from_str(text).expect("toml");
+        let defaults = toml::Value::try_from(Config::default()).expect("toml");
+        assert_eq!(listed, defaults, "config.toml must list every key");
+    }
+
+    #[test]
+    fn environment_overrides_known_keys_and_rejects_unknown_ones() {
+        let mut v = toml::Value::try_from(Config::default()).expect("toml");
+        let vars = [
+            ("SLM_CHAT_GENERATE_MAX_TOKENS".to_string(), "12".to_string()),
+            ("SLM_CHAT_MODEL_DEVICE".to_string(), "cpu".to_string()),
+            ("HOME".to_string(), "/x".to_string()),
+        ];
+        apply_env(&mut v, vars.into_iter()).expect("applies");
+        let c = Config::deserialize(v).expect("valid");
+        assert_eq!(c.generate.max_tokens, 12);
+        assert_eq!(c.model.device, DeviceChoice::Cpu);
+
+        let mut v = toml::Value::try_from(Config::default()).expect("toml");
+        let bad = [("SLM_CHAT_GENERATE_MAX_TOKENS".to_string(), "many".to_string())];
+        assert!(apply_env(&mut v, bad.into_iter()).is_err());
+        let unknown = [("SLM_CHAT_NOPE".to_string(), "1".to_string())];
+        assert!(apply_env(&mut v, unknown.into_iter()).is_err());
+    }
+}

@@ -1,0 +1,223 @@
+//! Attention over the cache plus the new tokens, computed in query blocks.
+//!
+//! Every new token sees every cached entry (the model's earlier tokens and any injected
+//! context) and, among the new tokens, only those at or before it in the same segment.
+//! Segments let one forward run several independent chunks side by side (a block-diagonal
+//! mask) without paying for the masked-out pairs.
+//!
+//! Scores are materialised one query block at a time, against only the keys that block can
+//! see, so memory grows with `block × keys` rather than `T²`, and the masked upper blocks of
+//! a causal prompt are never computed.
+
+use candle_core::{Device, Tensor, D};
+
+use super::kv::KvCache;
+use super::{ModelError, Result};
+
+/// One block of query rows and the keys it needs.
+#[derive(Debug)]
+struct QueryBlock {
+    q0: usize,
+    q1: usize,
+    /// First new-token key the block can see (the start of its first row's segment).
+    k_lo: usize,
+    /// Additive mask over the last `mask.dim(1)` key columns; `None` when all are visible.
+    mask: Option<Tensor>,
+}
+
+/// The query blocks and masks of one forward call, shared by all its layers.
+#[derive(Debug)]
+pub(crate) struct AttnPlan {
+    blocks: Vec<QueryBlock>,
+}
+
+impl AttnPlan {
+    /// Plan `n` new tokens in blocks of at most `block_size` rows.
+    ///
+    /// `segments` (one id per token, each id one contiguous run) restricts attention among
+    /// the new tokens to their own run; `None` is one run.
+    pub(crate) fn new(
+        n: usize,
+        segments: Option<&[u32]>,
+        block_size: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let run_start = run_starts(n, segments)?;
+        let mut blocks = Vec::new();
+        let mut q0 = 0;
+        while q0 < n {
+            let q1 = (q0 + block_size.max(1)).min(n);
+            let k_lo = run_start[q0];
+            let one_run = run_start[q1 - 1] == k_lo;
+            // Inside one run, keys before q0 are visible to every row: mask only the
+            // triangle over [q0, q1). Across runs, mask the whole new-token range.
+            let m0 = if one_run { q0 } else { k_lo };
+            let mask = if q1 - q0 == 1 && one_run {
+                None
+            } else {
+                let cols = q1 - m0;
+                let mut m = vec![0f32; (q1 - q0) * cols];
+                for t in q0..q1 {
+                    for j in m0..q1 {
+                        if j > t || run_start[j] != run_start[t] {
+                            m[(t - q0) * cols + (j - m0)] = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                Some(Tensor::from_vec(m, (q1 - q0, cols), device)?)
+            };
+            blocks.push(QueryBlock { q0, q1, k_lo, mask });
+            q0 = q1;
+        }
+        Ok(Self { blocks })
+    }
+}
+
+fn run_starts(n: usize, segments: Option<&[u32]>) -> Result<Vec<usize>> {
+    let Some(seg) = segments else {
+        return Ok(vec![0; n]);
+    };
+    if seg.len() != n {
+        return Err(ModelError::Input(format!(
+            "{} segment ids for {n} tokens",
+            seg.len()
+        )));
+    }
+    let mut starts = vec![0; n];
+    let mut seen = std::collections::HashSet::new();
+    for t in 0..n {
+        if t > 0 && seg[t] == seg[t - 1] {
+            starts[t] = starts[t - 1];
+        } else {
+            if !seen.insert(seg[t]) {
+                return Err(ModelError::Input(format!(
+                    "segment {} is not one contiguous run",
+                    seg[t]
+                )));
+            }
+            starts[t] = t;
+        }
+    }
+    Ok(starts)
+}
+
+/// Attention of rotated queries `q` `(n_head, n, head_dim)` over layer `layer` of `cache`,
+/// whose first `prior` entries precede the new tokens (whose keys were appended after them).
+/// Returns `(n, n_head * head_dim)`.
+pub(crate) fn attend(
+    q: &Tensor,
+    cache: &KvCache,
+    layer: usize,
+    prior: usize,
+    plan: &AttnPlan,
+) -> Result<Tensor> {
+    let (n_head, _, head_dim) = q.dims3()?;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let mut outs = Vec::with_capacity(plan.blocks.len());
+    for b in &plan.blocks {
+        let tq = b.q1 - b.q0;
+        let keys = gather_keys(cache, layer, prior, b.k_lo, b.q1)?;
+        let (k, v) = keys;
+        let n_kv = k.dim(0)?;
+        let group = n_head / n_kv;
+        let lk = k.dim(1)?;
+        // Query heads h = kv * group + g share kv head `kv` (the repeat_kv convention), so
+        // reshaping to (n_kv, group * tq) lets each kv head's matmul serve its whole group
+        // without copying K or V.
+        let qb = (q.narrow(1, b.q0, tq)?.contiguous()? * scale)?.reshape((
+            n_kv,
+            group * tq,
+            head_dim,
+        ))?;
+        let scores = qb.matmul(&k.t()?)?.reshape((n_kv, group, tq, lk))?;
+        if let Some(mask) = &b.mask {
+            let cols = mask.dim(1)?;
+            let tail = scores.narrow(D::Minus1, lk - cols, cols)?.broadcast_add(mask)?;
+            scores.slice_set(&tail, D::Minus1, lk - cols)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((n_kv, group * tq, lk))?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((n_kv, group, tq, head_dim))?
+            .permute((2, 0, 1, 3))?
+            .reshape((tq, n_head * head_dim))?;
+        outs.push(out);
+    }
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
+/// Keys and values `[0, prior) ++ prior + [k_lo, q1)` of one layer.
+fn gather_keys(
+    cache: &KvCache,
+    layer: usize,
+    prior: usize,
+    k_lo: usize,
+    q1: usize,
+) -> Result<(Tensor, Tensor)> {
+    let missing = || ModelError::Input(format!("layer {layer} has no keys to attend to"));
+    if k_lo == 0 {
+        return cache.range(layer, 0, prior + q1)?.ok_or_else(missing);
+    }
+    let own = cache.range(layer, prior + k_lo, q1 - k_lo)?.ok_or_else(missing)?;
+    match cache.range(layer, 0, prior)? {
+        None => Ok(own),
+        Some((pk, pv)) => Ok((
+            Tensor::cat(&[&pk, &own.0], 1)?,
+            Tensor::cat(&[&pv, &own.1], 1)?,
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mask_rows(plan: &AttnPlan, i: usize) -> Vec<Vec<f32>> {
+        plan.blocks[i]
+            .mask
+            .as_ref()
+            .map(|m| m.to_vec2::<f32>().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn causal_blocks_mask_only_their_own_triangle() -> Result<()> {
+        // 5 tokens, blocks of 2: rows [0,2) [2,4) [4,5).
+        let plan = AttnPlan::new(5, None, 2, &Device::Cpu)?;
+        assert_eq!(plan.blocks.len(), 3);
+        let inf = f32::NEG_INFINITY;
+        // . x
+        // . .
+        assert_eq!(mask_rows(&plan, 1), vec![vec![0., inf], vec![0., 0.]]);
+        assert!(plan.blocks[2].mask.is_none());
+        assert_eq!(plan.blocks[2].k_lo, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn segments_make_the_mask_block_diagonal() -> Result<()> {
+        // Two runs [0,2) and [2,5) in one block of 5.
+        let plan = AttnPlan::new(5, Some(&[7, 7, 9, 9, 9]), 8, &Device::Cpu)?;
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(
+            mask_rows(&plan, 0),
+            vec![
+                vec![0., inf, inf, inf, inf],
+                vec![0., 0., inf, inf, inf],
+                vec![inf, inf, 0., inf, inf],
+                vec![inf, inf, 0., 0., inf],
+                vec![inf, inf, 0., 0., 0.],
+            ]
+        );
+        // A block starting inside the second run sees from that run's start.
+        let plan = AttnPlan::new(5, Some(&[7, 7, 9, 9, 9]), 3, &Device::Cpu)?;
+        assert_eq!(plan.blocks[1].k_lo, 2);
+        Ok(())
+    }
+
+    #[test]
+    fn a_segment_id_may_not_come_back() {
+        assert!(AttnPlan::new(3, Some(&[1, 2, 1]), 4, &Device::Cpu).is_err());
+        assert!(AttnPlan::new(3, Some(&[1, 2]), 4, &Device::Cpu).is_err());
+    }
+}

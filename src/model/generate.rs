@@ -1,0 +1,263 @@
+//! Token generation: sampling, stop tokens, streaming text, cancellation, timings.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use rand::distr::{weighted::WeightedIndex, Distribution};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use super::kv::KvCache;
+use super::tokenizer::Tokenizer;
+use super::transformer::Model;
+use super::Result;
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 picks the most likely token (greedy).
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p`.
+    pub top_p: f32,
+    pub seed: u64,
+    pub max_tokens: usize,
+}
+
+impl SamplingParams {
+    pub fn greedy(max_tokens: usize) -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            max_tokens,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model produced one of its stop tokens.
+    Eos,
+    MaxTokens,
+    /// The next position would pass the model's native window.
+    ContextFull,
+    Cancelled,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Eos => "end of answer",
+            Self::MaxTokens => "token limit reached",
+            Self::ContextFull => "context window full",
+            Self::Cancelled => "stopped",
+        })
+    }
+}
+
+/// Timings of one generation.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub prefill_secs: f64,
+    /// From the start of the call to the first generated token.
+    pub first_token_secs: f64,
+    pub decode_tokens: usize,
+    pub decode_secs: f64,
+}
+
+impl GenerationStats {
+    pub fn prefill_tok_s(&self) -> f64 {
+        rate(self.prompt_tokens, self.prefill_secs)
+    }
+    pub fn decode_tok_s(&self) -> f64 {
+        rate(self.decode_tokens, self.decode_secs)
+    }
+}
+
+fn rate(n: usize, secs: f64) -> f64 {
+    if secs > 0.0 {
+        n as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// A finished generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generated ids, stop token excluded.
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub stop: StopReason,
+    pub stats: GenerationStats,
+}
+
+/// Picks tokens from logits.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = StdRng::seed_from_u64(params.seed);
+        Self { params, rng }
+    }
+
+    /// The next token from logits `(vocab,)`.
+    pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
+        let logits = logits.to_vec1::<f32>()?;
+        if self.params.temperature <= 0.0 {
+            return Ok(argmax(&logits));
+        }
+        let t = self.params.temperature;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l - max) / t).exp()))
+            .collect();
+        probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        let total: f32 = probs.iter().map(|p| p.1).sum();
+        let mut kept = 0.0;
+        let mut cut = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            kept += p.1 / total;
+            if kept >= self.params.top_p {
+                cut = i + 1;
+                break;
+            }
+        }
+        probs.truncate(cut.max(1));
+        let dist = WeightedIndex::new(probs.iter().map(|p| p.1))
+            .map_err(|e| super::ModelError::Input(format!("cannot sample: {e}")))?;
+        Ok(probs[dist.sample(&mut self.rng)].0)
+    }
+}
+
+/// Index of the largest logit (the first one on ties, as llama.cpp does).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Run `prompt` after what `cache` holds, then generate until a stop token, the token
+/// limit, the end of the model's window, or `cancel`. `on_text` receives the answer as it
+/// grows, in whole UTF-8 pieces.
+pub fn generate(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    cache: &mut KvCache,
+    params: &SamplingParams,
+    cancel: &AtomicBool,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    let start = Instant::now();
+    let mut stats = GenerationStats {
+        prompt_tokens: prompt.len(),
+        ..Default::default()
+    };
+    let mut logits = model.prefill(prompt, cache)?;
+    stats.prefill_secs = start.elapsed().as_secs_f64();
+    let mut sampler = Sampler::new(params.clone());
+    let mut tokens = Vec::new();
+    let mut emitted = 0;
+    let mut text = String::new();
+    let window = model.config().context_length;
+    let decode_start = Instant::now();
+    let stop = loop {
+        if cancel.load(Ordering::Relaxed) {
+            break StopReason::Cancelled;
+        }
+        let next = sampler.sample(&logits)?;
+        if tokens.is_empty() {
+            stats.first_token_secs = start.elapsed().as_secs_f64();
+        }
+        if tokenizer.stop_tokens().contains(&next) {
+            break StopReason::Eos;
+        }
+        tokens.push(next);
+        text = tokenizer.decode(&tokens)?;
+        // A token can end inside a multi-byte character; wait for the rest of it.
+        if !text.ends_with('\u{FFFD}') && text.len() > emitted {
+            on_text(&text[emitted..]);
+            emitted = text.len();
+        }
+        if tokens.len() >= params.max_tokens {
+            break StopReason::MaxTokens;
+        }
+        if cache.len() >= window {
+            break StopReason::ContextFull;
+        }
+        logits = model.prefill(&[next], cache)?;
+    };
+    if text.len() > emitted && !text.ends_with('\u{FFFD}') {
+        on_text(&text[emitted..]);
+    }
+    stats.decode_tokens = tokens.len();
+    stats.decode_secs = decode_start.elapsed().as_secs_f64();
+    Ok(Generation {
+        tokens,
+        text,
+        stop,
+        stats,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() -> Result<()> {
+        // One token holds ~all the mass: top_p 0.5 must always pick it.
+        let logits = Tensor::new(&[0f32, 20.0, 0.0, 0.0], &Device::Cpu)?;
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: 7,
+            max_tokens: 1,
+        });
+        for _ in 0..20 {
+            assert_eq!(s.sample(&logits)?, 1);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn sampling_is_reproducible_for_a_seed() -> Result<()> {
+        let logits = Tensor::new(&[1f32, 1.1, 0.9, 1.0], &Device::Cpu)?;
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 3,
+            max_tokens: 1,
+        };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(params.clone());
+            (0..16).map(|_| s.sample(&logits)).collect::<Result<_>>()?
+        };
+        let mut s = Sampler::new(params);
+        let b: Vec<u32> = (0..16).map(|_| s.sample(&logits)).collect::<Result<_>>()?;
+        assert_eq!(a, b);
+        assert!(a.iter().any(|&t| t != a[0]), "temperature 1 should vary: {a:?}");
+        Ok(())
+    }
+}

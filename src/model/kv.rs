@@ -1,0 +1,130 @@
+//! The key/value cache: per layer, the rotated keys and the values every new token may attend to.
+//!
+//! The cache holds whatever precedes the tokens being run: the model's own earlier tokens,
+//! and KV injected from elsewhere (context-tree nodes), already rotated at the positions
+//! assigned to them. It is kept outside the weights so the same model serves many caches.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::Result;
+
+/// Growth step, in entries: preallocating avoids re-copying the whole cache on every token.
+const GROW: usize = 256;
+
+#[derive(Debug)]
+struct LayerKv {
+    /// `(n_kv_head, capacity, head_dim)`, rotated keys.
+    k: Tensor,
+    /// `(n_kv_head, capacity, head_dim)`.
+    v: Tensor,
+}
+
+/// Rotated keys and values, per layer, with one shared length.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<Option<LayerKv>>,
+    lens: Vec<usize>,
+    n_kv_head: usize,
+    head_dim: usize,
+    device: Device,
+}
+
+impl KvCache {
+    pub(crate) fn new(n_layer: usize, n_kv_head: usize, head_dim: usize, device: &Device) -> Self {
+        Self {
+            layers: (0..n_layer).map(|_| None).collect(),
+            lens: vec![0; n_layer],
+            n_kv_head,
+            head_dim,
+            device: device.clone(),
+        }
+    }
+
+    /// Entries held by layer `layer`.
+    pub fn layer_len(&self, layer: usize) -> usize {
+        self.lens[layer]
+    }
+
+    /// Entries held by layer 0 (all layers agree unless a layer range was run on its own).
+    pub fn len(&self) -> usize {
+        self.lens.first().copied().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes the cache holds in entries (not capacity).
+    pub fn bytes(&self) -> usize {
+        self.lens.iter().sum::<usize>() * 2 * self.n_kv_head * self.head_dim * 4
+    }
+
+    /// A deep copy of the first `len` entries of every layer.
+    ///
+    /// Appending writes into preallocated storage in place, so sharing storage between two
+    /// caches would let one overwrite the other; a fork never shares.
+    pub fn fork(&self) -> Result<Self> {
+        let mut out = Self::new(self.layers.len(), self.n_kv_head, self.head_dim, &self.device);
+        for (i, layer) in self.layers.iter().enumerate() {
+            if let Some(l) = layer {
+                let n = self.lens[i];
+                out.append(i, &l.k.narrow(1, 0, n)?, &l.v.narrow(1, 0, n)?)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forget everything after the first `len` entries of every layer.
+    pub fn truncate(&mut self, len: usize) {
+        for l in &mut self.lens {
+            *l = (*l).min(len);
+        }
+    }
+
+    /// Append rotated keys and values `(n_kv_head, n, head_dim)` to layer `layer`.
+    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        let n = k.dim(1)?;
+        let len = self.lens[layer];
+        let need = len + n;
+        let capacity = self.layers[layer]
+            .as_ref()
+            .map(|l| l.k.dim(1))
+            .transpose()?
+            .unwrap_or(0);
+        if need > capacity {
+            let new_cap = (need.max(capacity * 2)).div_ceil(GROW) * GROW;
+            let shape = (self.n_kv_head, new_cap, self.head_dim);
+            let nk = Tensor::zeros(shape, DType::F32, &self.device)?;
+            let nv = Tensor::zeros(shape, DType::F32, &self.device)?;
+            if let Some(old) = &self.layers[layer] {
+                if len > 0 {
+                    nk.slice_set(&old.k.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                    nv.slice_set(&old.v.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                }
+            }
+            self.layers[layer] = Some(LayerKv { k: nk, v: nv });
+        }
+        if let Some(l) = &self.layers[layer] {
+            l.k.slice_set(&k.contiguous()?, 1, len)?;
+            l.v.slice_set(&v.contiguous()?, 1, len)?;
+        }
+        self.lens[layer] = need;
+        Ok(())
+    }
+
+    /// Keys and values `[start, start+n)` of layer `layer`, as views `(n_kv_head, n, head_dim)`.
+    pub(crate) fn range(
+        &self,
+        layer: usize,
+        start: usize,
+        n: usize,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        if n == 0 {
+            return Ok(None);
+        }
+        match &self.layers[layer] {
+            Some(l) => Ok(Some((l.k.narrow(1, start, n)?, l.v.narrow(1, start, n)?))),
+            None => Ok(None),
+        }
+    }
+}

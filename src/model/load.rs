@@ -1,0 +1,364 @@
+//! Reading weights: GGUF files (quantized, as llama.cpp writes them) and Hugging Face
+//! folders (`config.json` + `*.safetensors`).
+//!
+//! Both end up as the same [`Model`]; tensors are named by [`Weight`] and each format maps
+//! those names to its own.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::config::{Config, HfConfig, RopeScaling, RopeStyle};
+use super::transformer::{Attention, Block, Linear, Mlp, Model};
+use super::{ModelError, Result};
+
+/// GGUF architectures whose blocks are the LLaMA block.
+const GGUF_ARCHS: &[&str] = &["llama", "qwen2"];
+
+/// The tensors of a LLaMA-family checkpoint.
+#[derive(Debug, Clone, Copy)]
+enum Weight {
+    Embed,
+    OutputNorm,
+    Output,
+    AttnNorm(usize),
+    Q(usize),
+    K(usize),
+    V(usize),
+    QBias(usize),
+    KBias(usize),
+    VBias(usize),
+    O(usize),
+    FfnNorm(usize),
+    Gate(usize),
+    Up(usize),
+    Down(usize),
+}
+
+impl Weight {
+    fn gguf(self) -> String {
+        use Weight::*;
+        match self {
+            Embed => "token_embd.weight".into(),
+            OutputNorm => "output_norm.weight".into(),
+            Output => "output.weight".into(),
+            AttnNorm(i) => format!("blk.{i}.attn_norm.weight"),
+            Q(i) => format!("blk.{i}.attn_q.weight"),
+            K(i) => format!("blk.{i}.attn_k.weight"),
+            V(i) => format!("blk.{i}.attn_v.weight"),
+            QBias(i) => format!("blk.{i}.attn_q.bias"),
+            KBias(i) => format!("blk.{i}.attn_k.bias"),
+            VBias(i) => format!("blk.{i}.attn_v.bias"),
+            O(i) => format!("blk.{i}.attn_output.weight"),
+            FfnNorm(i) => format!("blk.{i}.ffn_norm.weight"),
+            Gate(i) => format!("blk.{i}.ffn_gate.weight"),
+            Up(i) => format!("blk.{i}.ffn_up.weight"),
+            Down(i) => format!("blk.{i}.ffn_down.weight"),
+        }
+    }
+
+    fn hf(self) -> String {
+        use Weight::*;
+        match self {
+            Embed => "model.embed_tokens.weight".into(),
+            OutputNorm => "model.norm.weight".into(),
+            Output => "lm_head.weight".into(),
+            AttnNorm(i) => format!("model.layers.{i}.input_layernorm.weight"),
+            Q(i) => format!("model.layers.{i}.self_attn.q_proj.weight"),
+            K(i) => format!("model.layers.{i}.self_attn.k_proj.weight"),
+            V(i) => format!("model.layers.{i}.self_attn.v_proj.weight"),
+            QBias(i) => format!("model.layers.{i}.self_attn.q_proj.bias"),
+            KBias(i) => format!("model.layers.{i}.self_attn.k_proj.bias"),
+            VBias(i) => format!("model.layers.{i}.self_attn.v_proj.bias"),
+            O(i) => format!("model.layers.{i}.self_attn.o_proj.weight"),
+            FfnNorm(i) => format!("model.layers.{i}.post_attention_layernorm.weight"),
+            Gate(i) => format!("model.layers.{i}.mlp.gate_proj.weight"),
+            Up(i) => format!("model.layers.{i}.mlp.up_proj.weight"),
+            Down(i) => format!("model.layers.{i}.mlp.down_proj.weight"),
+        }
+    }
+}
+
+/// Where tensors come from, as f32 on the model's device.
+trait Source {
+    fn get(&mut self, w: Weight, shape: &[usize]) -> Result<Tensor>;
+    fn has(&self, w: Weight) -> bool;
+}
+
+/// Build a model from any source: the one place that knows the block's tensor layout.
+fn build(config: Config, device: &Device, src: &mut dyn Source, tied: bool) -> Result<Model> {
+    let c = &config;
+    let (d, q_out, kv_out) = (c.d_model, c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
+    let linear = |src: &mut dyn Source, w: Weight, b: Option<Weight>, out: usize, inp: usize| {
+        let bias = match b {
+            Some(b) if c.attention_bias || src.has(b) => Some(src.get(b, &[out])?),
+            _ => None,
+        };
+        Ok::<_, ModelError>(Linear::new(src.get(w, &[out, inp])?, bias))
+    };
+    let mut blocks = Vec::with_capacity(c.n_layer);
+    for i in 0..c.n_layer {
+        let attn = Attention {
+            q: linear(src, Weight::Q(i), Some(Weight::QBias(i)), q_out, d)?,
+            k: linear(src, Weight::K(i), Some(Weight::KBias(i)), kv_out, d)?,
+            v: linear(src, Weight::V(i), Some(Weight::VBias(i)), kv_out, d)?,
+            o: linear(src, Weight::O(i), None, d, q_out)?,
+        };
+        let mlp = Mlp {
+            gate: linear(src, Weight::Gate(i), None, c.d_ff, d)?,
+            up: linear(src, Weight::Up(i), None, c.d_ff, d)?,
+            down: linear(src, Weight::Down(i), None, d, c.d_ff)?,
+        };
+        blocks.push(Block {
+            attn_norm: src.get(Weight::AttnNorm(i), &[d])?,
+            attn,
+            ffn_norm: src.get(Weight::FfnNorm(i), &[d])?,
+            mlp,
+        });
+    }
+    let embed = src.get(Weight::Embed, &[c.vocab_size, d])?;
+    let norm = src.get(Weight::OutputNorm, &[d])?;
+    // Tied models reuse the embedding table as the output head (same storage, no copy).
+    let tied = tied || !src.has(Weight::Output);
+    let head = if tied {
+        Linear::new(embed.clone(), None)
+    } else {
+        Linear::new(src.get(Weight::Output, &[c.vocab_size, d])?, None)
+    };
+    Ok(Model::assemble(
+        config,
+        device.clone(),
+        embed,
+        blocks,
+        norm,
+        head,
+        tied,
+    ))
+}
+
+fn check_shape(w: Weight, t: &Tensor, shape: &[usize]) -> Result<()> {
+    if t.dims() != shape {
+        return Err(ModelError::Format(format!(
+            "tensor '{}' has shape {:?}, expected {:?}",
+            w.gguf(),
+            t.dims(),
+            shape
+        )));
+    }
+    Ok(())
+}
+
+struct GgufSource<'a> {
+    content: &'a gguf_file::Content,
+    reader: &'a mut BufReader<File>,
+    device: &'a Device,
+}
+
+impl Source for GgufSource<'_> {
+    fn get(&mut self, w: Weight, shape: &[usize]) -> Result<Tensor> {
+        let name = w.gguf();
+        if !self.content.tensor_infos.contains_key(&name) {
+            return Err(ModelError::Format(format!("tensor '{name}' is missing")));
+        }
+        let q = self.content.tensor(self.reader, &name, self.device)?;
+        let t = q.dequantize(self.device)?.to_dtype(DType::F32)?;
+        check_shape(w, &t, shape)?;
+        Ok(t)
+    }
+
+    fn has(&self, w: Weight) -> bool {
+        self.content.tensor_infos.contains_key(&w.gguf())
+    }
+}
+
+struct VarSource<'a> {
+    vb: VarBuilder<'a>,
+}
+
+impl Source for VarSource<'_> {
+    fn get(&mut self, w: Weight, shape: &[usize]) -> Result<Tensor> {
+        let name = w.hf();
+        if !self.vb.contains_tensor(&name) {
+            return Err(ModelError::Format(format!("tensor '{name}' is missing")));
+        }
+        Ok(self.vb.get(shape, &name)?)
+    }
+
+    fn has(&self, w: Weight) -> bool {
+        self.vb.contains_tensor(&w.hf())
+    }
+}
+
+/// An opened GGUF file: its metadata (for the tokenizer and template) and tensor index.
+pub(crate) struct GgufFile {
+    pub(crate) content: gguf_file::Content,
+    reader: BufReader<File>,
+}
+
+impl GgufFile {
+    pub(crate) fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path)?;
+        let file_len = file.metadata()?.len();
+        let mut reader = BufReader::new(file);
+        let content = gguf_file::Content::read(&mut reader)
+            .map_err(|e| ModelError::Format(format!("not a readable GGUF file ({e})")))?;
+        // A file cut short parses its header fine and fails deep inside a tensor read;
+        // check every tensor's extent up front so the message says what is wrong.
+        let mut end = content.tensor_data_offset;
+        for info in content.tensor_infos.values() {
+            let elems = info.shape.elem_count();
+            let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            end = end.max(content.tensor_data_offset + info.offset + bytes as u64);
+        }
+        if end > file_len {
+            return Err(ModelError::Format(format!(
+                "the file is truncated: its tensors need {end} bytes, it has {file_len}"
+            )));
+        }
+        Ok(Self { content, reader })
+    }
+
+    pub(crate) fn meta(&self, key: &str) -> Option<&gguf_file::Value> {
+        self.content.metadata.get(key)
+    }
+
+    pub(crate) fn meta_str(&self, key: &str) -> Option<String> {
+        self.meta(key)
+            .and_then(|v| v.to_string().ok())
+            .map(|s| s.to_string())
+    }
+
+    fn meta_u32(&self, key: &str) -> Result<u32> {
+        let v = self
+            .meta(key)
+            .ok_or_else(|| ModelError::Format(format!("missing metadata key '{key}'")))?;
+        v.to_u32()
+            .or_else(|_| v.to_u64().map(|x| x as u32))
+            .map_err(|_| ModelError::Format(format!("metadata key '{key}' is not an integer")))
+    }
+
+    fn meta_f32(&self, key: &str) -> Option<f32> {
+        self.meta(key).and_then(|v| v.to_f32().ok())
+    }
+
+    pub(crate) fn config(&self) -> Result<Config> {
+        let arch = self
+            .meta_str("general.architecture")
+            .ok_or_else(|| ModelError::Format("missing metadata key 'general.architecture'".into()))?;
+        if !GGUF_ARCHS.contains(&arch.as_str()) {
+            return Err(ModelError::UnsupportedArch(arch));
+        }
+        let k = |s: &str| format!("{arch}.{s}");
+        let d_model = self.meta_u32(&k("embedding_length"))? as usize;
+        let n_head = self.meta_u32(&k("attention.head_count"))? as usize;
+        let n_kv_head = self
+            .meta_u32(&k("attention.head_count_kv"))
+            .map(|x| x as usize)
+            .unwrap_or(n_head);
+        let head_dim = self
+            .meta_u32(&k("attention.key_length"))
+            .map(|x| x as usize)
+            .unwrap_or(d_model / n_head.max(1));
+        let vocab_size = match self.content.tensor_infos.get("token_embd.weight") {
+            Some(info) => info.shape.dims()[0],
+            None => return Err(ModelError::Format("tensor 'token_embd.weight' is missing".into())),
+        };
+        let rope_scaling = match self.meta_str(&k("rope.scaling.type")).as_deref() {
+            Some("linear") => RopeScaling::Linear {
+                factor: self.meta_f32(&k("rope.scaling.factor")).unwrap_or(1.0) as f64,
+            },
+            _ => RopeScaling::None,
+        };
+        Config {
+            name: self.meta_str("general.name").unwrap_or_else(|| arch.clone()),
+            n_layer: self.meta_u32(&k("block_count"))? as usize,
+            d_model,
+            n_head,
+            n_kv_head,
+            head_dim,
+            d_ff: self.meta_u32(&k("feed_forward_length"))? as usize,
+            vocab_size,
+            rms_eps: self
+                .meta_f32(&k("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5) as f64,
+            rope_theta: self.meta_f32(&k("rope.freq_base")).unwrap_or(10_000.0) as f64,
+            // llama.cpp permutes LLaMA's q/k rows for adjacent-pair rotation; qwen2 is NEOX.
+            rope_style: if arch == "llama" {
+                RopeStyle::Interleaved
+            } else {
+                RopeStyle::Neox
+            },
+            rope_scaling,
+            context_length: self.meta_u32(&k("context_length")).unwrap_or(4096) as usize,
+            attention_bias: arch == "qwen2",
+            arch,
+        }
+        .validate()
+    }
+
+    pub(crate) fn model(&mut self, device: &Device) -> Result<Model> {
+        let mut config = self.config()?;
+        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            let q = self
+                .content
+                .tensor(&mut self.reader, "rope_freqs.weight", &Device::Cpu)?;
+            let factors = q.dequantize(&Device::Cpu)?.to_vec1::<f32>()?;
+            config.rope_scaling = RopeScaling::Factors(factors);
+        }
+        let mut src = GgufSource {
+            content: &self.content,
+            reader: &mut self.reader,
+            device,
+        };
+        build(config, device, &mut src, false)
+    }
+}
+
+/// A Hugging Face checkpoint folder.
+pub(crate) fn hf_model(dir: &Path, device: &Device) -> Result<Model> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .map_err(|_| ModelError::Format("no config.json in this folder".into()))?;
+    let hf: HfConfig = serde_json::from_str(&text)
+        .map_err(|e| ModelError::Format(format!("config.json: {e}")))?;
+    let tied = hf.tie_word_embeddings;
+    let config = hf.into_config()?;
+    let files = safetensors_files(dir)?;
+    let vb = mmap_safetensors(&files, device)?;
+    build(config, device, &mut VarSource { vb }, tied)
+}
+
+/// Build a model from named tensors in Hugging Face layout (used by tests with tiny
+/// random weights, and by any caller that already holds tensors).
+pub fn from_tensors(
+    config: Config,
+    tensors: std::collections::HashMap<String, Tensor>,
+    tied: bool,
+    device: &Device,
+) -> Result<Model> {
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    build(config, device, &mut VarSource { vb }, tied)
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ModelError::Format("no *.safetensors files in this folder".into()));
+    }
+    Ok(files)
+}
+
+#[allow(unsafe_code)]
+fn mmap_safetensors(files: &[PathBuf], device: &Device) -> Result<VarBuilder<'static>> {
+    // SAFETY: the files are mapped read-only for the model's lifetime; slm-chat never writes
+    // them, and a user changing a checkpoint while it is loaded is outside what we support.
+    Ok(unsafe { VarBuilder::from_mmaped_safetensors(files, DType::F32, device)? })
+}

@@ -1,0 +1,352 @@
+//! The LLaMA-family transformer: embeddings, RMSNorm, RoPE, grouped-query attention, SwiGLU.
+//!
+//! Unlike candle's `quantized_llama`, the forward is open: it runs any layer range over
+//! hidden states at explicit positions, attends to whatever the [`KvCache`] holds (the
+//! model's own earlier tokens or KV injected from a context tree), can hand back each
+//! layer's keys (before RoPE) and values and chosen hidden states, and computes logits only
+//! when asked. The context tree and the answer engine are both built on these calls.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::attention::{attend, AttnPlan};
+use super::config::Config;
+use super::kv::KvCache;
+use super::rope::{self, RopeTables};
+use super::{ModelError, Result};
+
+/// Query rows per attention block: 256 rows × 9 heads × 8K keys is 75 MB of scores.
+const DEFAULT_ATTENTION_BLOCK: usize = 256;
+
+/// A projection `y = x Wᵀ + b`.
+#[derive(Debug)]
+pub(crate) struct Linear {
+    /// `(out, in)`, f32: batched prefill is compute-bound and f32 goes through gemm.
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    pub(crate) fn new(w: Tensor, b: Option<Tensor>) -> Self {
+        Self { w, b }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.w.t()?)?;
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Attention {
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+}
+
+#[derive(Debug)]
+pub(crate) struct Mlp {
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?;
+        self.down.forward(&h)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Block {
+    pub(crate) attn_norm: Tensor,
+    pub(crate) attn: Attention,
+    pub(crate) ffn_norm: Tensor,
+    pub(crate) mlp: Mlp,
+}
+
+/// Per-layer keys (before RoPE) and values of the tokens of one forward call,
+/// each `(n, n_kv_head * head_dim)`.
+#[derive(Debug, Clone)]
+pub struct LayerKv {
+    pub k: Tensor,
+    pub v: Tensor,
+}
+
+/// What one [`Model::forward`] call runs and keeps.
+#[derive(Debug, Clone)]
+pub struct Forward<'a> {
+    /// One position per new token.
+    pub positions: &'a [u32],
+    /// Optional segment id per new token: new tokens attend only within their own run.
+    pub segments: Option<&'a [u32]>,
+    /// The layers to run.
+    pub layers: Range<usize>,
+    /// Return each layer's keys (before RoPE) and values for the new tokens.
+    pub keep_kv: bool,
+    /// Return the output of these layers (0 = after the first block).
+    pub keep_hidden: &'a [usize],
+}
+
+impl<'a> Forward<'a> {
+    /// All layers, causal, nothing kept.
+    pub fn all(model: &Model, positions: &'a [u32]) -> Self {
+        Self {
+            positions,
+            segments: None,
+            layers: 0..model.config.n_layer,
+            keep_kv: false,
+            keep_hidden: &[],
+        }
+    }
+}
+
+/// The result of one forward call.
+#[derive(Debug)]
+pub struct ForwardOutput {
+    /// Hidden states `(n, d_model)` after the last layer run (before the final norm).
+    pub hidden: Tensor,
+    /// One entry per layer run, in order, when `keep_kv` was set.
+    pub kv: Vec<LayerKv>,
+    /// `(layer, hidden (n, d_model))` for each layer in `keep_hidden` that was run.
+    pub hidden_at: Vec<(usize, Tensor)>,
+}
+
+/// A loaded LLaMA-family model.
+#[derive(Debug)]
+pub struct Model {
+    pub(crate) config: Config,
+    pub(crate) device: Device,
+    /// `(vocab, d_model)` f32 lookup table.
+    pub(crate) embed: Tensor,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) norm: Tensor,
+    pub(crate) head: Linear,
+    pub(crate) inv_freq: Vec<f64>,
+    pub(crate) attention_block: usize,
+    /// The output head is the embedding table itself.
+    pub(crate) tied: bool,
+}
+
+impl Model {
+    pub(crate) fn assemble(
+        config: Config,
+        device: Device,
+        embed: Tensor,
+        blocks: Vec<Block>,
+        norm: Tensor,
+        head: Linear,
+        tied: bool,
+    ) -> Self {
+        let inv_freq = config.inv_freq();
+        Self {
+            config,
+            device,
+            embed,
+            blocks,
+            norm,
+            head,
+            inv_freq,
+            attention_block: DEFAULT_ATTENTION_BLOCK,
+            tied,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Query rows per attention block (tests shrink it to compare against naive attention).
+    pub fn set_attention_block(&mut self, rows: usize) {
+        self.attention_block = rows.max(1);
+    }
+
+    /// An empty cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        let c = &self.config;
+        KvCache::new(c.n_layer, c.n_kv_head, c.head_dim, &self.device)
+    }
+
+    /// Token embeddings `(n, d_model)`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary ({} tokens)",
+                self.config.vocab_size
+            )));
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        Ok(self.embed.index_select(&ids, 0)?)
+    }
+
+    /// Run `f.layers` over hidden states `x` `(n, d_model)`.
+    ///
+    /// The new tokens attend to everything `cache` holds for each layer, then their rotated
+    /// keys and values are appended to it.
+    pub fn forward(&self, x: &Tensor, f: &Forward, cache: &mut KvCache) -> Result<ForwardOutput> {
+        let c = &self.config;
+        let n = x.dim(0)?;
+        if f.positions.len() != n {
+            return Err(ModelError::Input(format!(
+                "{} positions for {n} tokens",
+                f.positions.len()
+            )));
+        }
+        if f.layers.end > c.n_layer || f.layers.start > f.layers.end {
+            return Err(ModelError::Input(format!(
+                "layer range {:?} outside 0..{}",
+                f.layers, c.n_layer
+            )));
+        }
+        let rope = RopeTables::new(&self.inv_freq, c.rope_style, f.positions, &self.device)?;
+        let plan = AttnPlan::new(n, f.segments, self.attention_block, &self.device)?;
+        let mut out = ForwardOutput {
+            hidden: x.clone(),
+            kv: Vec::new(),
+            hidden_at: Vec::new(),
+        };
+        let mut x = x.clone();
+        for layer in f.layers.clone() {
+            let (y, kv) = self.block_forward(layer, &x, &rope, &plan, cache)?;
+            x = y;
+            if f.keep_kv {
+                out.kv.push(kv);
+            }
+            if f.keep_hidden.contains(&layer) {
+                out.hidden_at.push((layer, x.clone()));
+            }
+        }
+        out.hidden = x;
+        Ok(out)
+    }
+
+    fn block_forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        rope: &RopeTables,
+        plan: &AttnPlan,
+        cache: &mut KvCache,
+    ) -> Result<(Tensor, LayerKv)> {
+        let c = &self.config;
+        let b = &self.blocks[layer];
+        let eps = c.rms_eps as f32;
+        let h = candle_nn::ops::rms_norm(x, &b.attn_norm, eps)?;
+        let (att, kv) = self.attention(layer, &h, rope, plan, cache)?;
+        let x = (x + b.attn.o.forward(&att)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
+        let x = (&x + b.mlp.forward(&h)?)?;
+        Ok((x, kv))
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        h: &Tensor,
+        rope: &RopeTables,
+        plan: &AttnPlan,
+        cache: &mut KvCache,
+    ) -> Result<(Tensor, LayerKv)> {
+        let c = &self.config;
+        let a = &self.blocks[layer].attn;
+        let n = h.dim(0)?;
+        let q = a.q.forward(h)?;
+        let k = a.k.forward(h)?;
+        let v = a.v.forward(h)?;
+        let q = rope.apply(&heads_first(&q, c.n_head, c.head_dim)?)?;
+        let k_rot = rope.apply(&heads_first(&k, c.n_kv_head, c.head_dim)?)?;
+        let prior = cache.layer_len(layer);
+        cache.append(layer, &k_rot, &heads_first(&v, c.n_kv_head, c.head_dim)?)?;
+        let att = attend(&q, cache, layer, prior, plan)?;
+        debug_assert_eq!(att.dim(0)?, n);
+        Ok((att, LayerKv { k, v }))
+    }
+
+    /// Logits `(n, vocab)` for hidden states `(n, d_model)` from the last layer.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let h = candle_nn::ops::rms_norm(hidden, &self.norm, self.config.rms_eps as f32)?;
+        self.head.forward(&h)
+    }
+
+    /// Put context entries into layer `layer` of `cache`: keys `k` (before RoPE) and values
+    /// `v`, both `(n, n_kv_head * head_dim)`, rotated at `positions`.
+    pub fn inject(
+        &self,
+        cache: &mut KvCache,
+        layer: usize,
+        kv: &LayerKv,
+        positions: &[u32],
+    ) -> Result<()> {
+        let c = &self.config;
+        if kv.k.dim(0)? != positions.len() {
+            return Err(ModelError::Input(format!(
+                "{} positions for {} injected entries",
+                positions.len(),
+                kv.k.dim(0)?
+            )));
+        }
+        let rope = rope::tables(c, positions, &self.device)?;
+        let k = rope.apply(&heads_first(&kv.k, c.n_kv_head, c.head_dim)?)?;
+        let v = heads_first(&kv.v, c.n_kv_head, c.head_dim)?;
+        cache.append(layer, &k, &v)
+    }
+
+    /// Run every layer over `tokens` at the positions after what `cache` holds and return
+    /// the logits `(vocab,)` of the last token.
+    pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        if tokens.is_empty() {
+            return Err(ModelError::Input("nothing to run: no tokens".into()));
+        }
+        let start = cache.len() as u32;
+        let positions: Vec<u32> = (start..start + tokens.len() as u32).collect();
+        let x = self.embed(tokens)?;
+        let out = self.forward(&x, &Forward::all(self, &positions), cache)?;
+        let last = out.hidden.narrow(0, tokens.len() - 1, 1)?;
+        Ok(self.logits(&last)?.squeeze(0)?)
+    }
+
+    /// Bytes of the model's tensors as held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let lin = |l: &Linear| size(&l.w) + l.b.as_ref().map_or(0, size);
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                size(&b.attn_norm)
+                    + size(&b.ffn_norm)
+                    + lin(&b.attn.q)
+                    + lin(&b.attn.k)
+                    + lin(&b.attn.v)
+                    + lin(&b.attn.o)
+                    + lin(&b.mlp.gate)
+                    + lin(&b.mlp.up)
+                    + lin(&b.mlp.down)
+            })
+            .sum();
+        let head = if self.tied { 0 } else { lin(&self.head) };
+        size(&self.embed) + size(&self.norm) + head + blocks
+    }
+}
+
+/// `(n, heads * head_dim)` → `(heads, n, head_dim)`, contiguous.
+fn heads_first(x: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    Ok(x.reshape((n, heads, head_dim))?
+        .transpose(0, 1)?
+        .contiguous()?
+        .to_dtype(DType::F32)?)
+}

@@ -1,0 +1,289 @@
+//! The forward's equivalences on a tiny random LLaMA written here (2 layers, hidden 64, GQA):
+//! split layer ranges, injected prefixes (METHOD.md check A at model level), segments
+//! (check B), and block attention against naive attention.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use slm_chat::model::{from_tensors, Config, Forward, KvCache, Model, RopeScaling, RopeStyle};
+
+const D: usize = 64;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = 16;
+const FF: usize = 96;
+const VOCAB: usize = 50;
+const LAYERS: usize = 2;
+
+fn config(style: RopeStyle) -> Config {
+    Config {
+        arch: "llama".into(),
+        name: "tiny".into(),
+        n_layer: LAYERS,
+        d_model: D,
+        n_head: HEADS,
+        n_kv_head: KV_HEADS,
+        head_dim: HEAD_DIM,
+        d_ff: FF,
+        vocab_size: VOCAB,
+        rms_eps: 1e-5,
+        rope_theta: 10_000.0,
+        rope_style: style,
+        rope_scaling: RopeScaling::None,
+        context_length: 256,
+        attention_bias: false,
+    }
+}
+
+fn tiny(style: RopeStyle) -> Model {
+    from_tensors(config(style), tiny_weights(), false, &Device::Cpu).expect("tiny model builds")
+}
+
+/// Random weights in Hugging Face names; scaled so activations stay O(1).
+fn tiny_weights() -> HashMap<String, Tensor> {
+    let dev = Device::Cpu;
+    let mut t = HashMap::new();
+    let mut put = |name: String, shape: &[usize], scale: f64| {
+        let x = Tensor::randn(0f32, 1f32, shape, &dev).expect("randn");
+        t.insert(name, (x * scale).expect("scale"));
+    };
+    put("model.embed_tokens.weight".into(), &[VOCAB, D], 1.0);
+    put("lm_head.weight".into(), &[VOCAB, D], 0.2);
+    for i in 0..LAYERS {
+        let p = format!("model.layers.{i}");
+        put(format!("{p}.self_attn.q_proj.weight"), &[HEADS * HEAD_DIM, D], 0.3);
+        put(format!("{p}.self_attn.k_proj.weight"), &[KV_HEADS * HEAD_DIM, D], 0.3);
+        put(format!("{p}.self_attn.v_proj.weight"), &[KV_HEADS * HEAD_DIM, D], 0.2);
+        put(format!("{p}.self_attn.o_proj.weight"), &[D, HEADS * HEAD_DIM], 0.2);
+        put(format!("{p}.mlp.gate_proj.weight"), &[FF, D], 0.2);
+        put(format!("{p}.mlp.up_proj.weight"), &[FF, D], 0.2);
+        put(format!("{p}.mlp.down_proj.weight"), &[D, FF], 0.2);
+    }
+    let mut ones = |name: String| {
+        t.insert(name, Tensor::ones(D, DType::F32, &dev).expect("ones"));
+    };
+    ones("model.norm.weight".into());
+    for i in 0..LAYERS {
+        ones(format!("model.layers.{i}.input_layernorm.weight"));
+        ones(format!("model.layers.{i}.post_attention_layernorm.weight"));
+    }
+    t
+}
+
+fn tokens(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 7 + seed * 13 + 3) % VOCAB as u32).collect()
+}
+
+fn positions(start: u32, n: usize) -> Vec<u32> {
+    (start..start + n as u32).collect()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .expect("same shape")
+        .abs()
+        .and_then(|d| d.flatten_all()?.max(0))
+        .and_then(|m| m.to_scalar::<f32>())
+        .expect("diff")
+}
+
+/// Logits of every position of one plain causal forward over `ids`.
+fn full_logits(m: &Model, ids: &[u32]) -> Tensor {
+    let mut cache = m.new_cache();
+    let x = m.embed(ids).expect("embed");
+    let pos = positions(0, ids.len());
+    let out = m.forward(&x, &Forward::all(m, &pos), &mut cache).expect("forward");
+    m.logits(&out.hidden).expect("logits")
+}
+
+#[test]
+fn split_layer_ranges_equal_the_full_forward() {
+    for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
+        let m = tiny(style);
+        let ids = tokens(11, 1);
+        let pos = positions(0, ids.len());
+        let mut cache = m.new_cache();
+        let x = m.embed(&ids).expect("embed");
+        let lower = Forward {
+            layers: 0..1,
+            ..Forward::all(&m, &pos)
+        };
+        let h = m.forward(&x, &lower, &mut cache).expect("lower").hidden;
+        let upper = Forward {
+            layers: 1..LAYERS,
+            ..Forward::all(&m, &pos)
+        };
+        let h = m.forward(&h, &upper, &mut cache).expect("upper").hidden;
+        let split = m.logits(&h).expect("logits");
+        assert!(max_diff(&split, &full_logits(&m, &ids)) < 1e-5);
+    }
+}
+
+#[test]
+fn injected_prefix_equals_the_forward_over_the_concatenation() {
+    let m = tiny(RopeStyle::Interleaved);
+    let (prefix, context, question) = (tokens(5, 1), tokens(9, 2), tokens(6, 3));
+    let all: Vec<u32> = [prefix.clone(), context.clone(), question.clone()].concat();
+    let reference = full_logits(&m, &all);
+
+    // Encode prefix + context once, keeping the context's keys (before RoPE) and values.
+    let mut enc = m.new_cache();
+    m.prefill(&prefix, &mut enc).expect("prefix");
+    let x = m.embed(&context).expect("embed");
+    let pos = positions(prefix.len() as u32, context.len());
+    let f = Forward {
+        keep_kv: true,
+        ..Forward::all(&m, &pos)
+    };
+    let kv = m.forward(&x, &f, &mut enc).expect("encode").kv;
+
+    // A fresh run of the prefix, then the context injected at the same positions.
+    let mut cache = m.new_cache();
+    m.prefill(&prefix, &mut cache).expect("prefix");
+    for (layer, layer_kv) in kv.iter().enumerate() {
+        m.inject(&mut cache, layer, layer_kv, &pos).expect("inject");
+    }
+    let start = (prefix.len() + context.len()) as u32;
+    let qpos = positions(start, question.len());
+    let x = m.embed(&question).expect("embed");
+    let out = m.forward(&x, &Forward::all(&m, &qpos), &mut cache).expect("question");
+    let got = m.logits(&out.hidden).expect("logits");
+    let want = reference.i(prefix.len() + context.len()..).expect("rows");
+    assert!(max_diff(&got, &want) < 1e-4);
+}
+
+#[test]
+fn segments_equal_separate_forwards_after_a_shared_prefix() {
+    let m = tiny(RopeStyle::Neox);
+    let prefix = tokens(4, 5);
+    let (a, b) = (tokens(7, 6), tokens(5, 7));
+    let mut base = m.new_cache();
+    m.prefill(&prefix, &mut base).expect("prefix");
+    let p = prefix.len() as u32;
+
+    // Both chunks side by side, each at its own local positions after the prefix.
+    let ids: Vec<u32> = [a.clone(), b.clone()].concat();
+    let pos: Vec<u32> = [positions(p, a.len()), positions(p, b.len())].concat();
+    let seg: Vec<u32> = [vec![0; a.len()], vec![1; b.len()]].concat();
+    let mut cache = base.fork().expect("fork");
+    let x = m.embed(&ids).expect("embed");
+    let f = Forward {
+        segments: Some(&seg),
+        ..Forward::all(&m, &pos)
+    };
+    let both = m.forward(&x, &f, &mut cache).expect("batched").hidden;
+
+    for (chunk, rows) in [(&a, 0..a.len()), (&b, a.len()..ids.len())] {
+        let mut c = base.fork().expect("fork");
+        let x = m.embed(chunk).expect("embed");
+        let pos = positions(p, chunk.len());
+        let alone = m.forward(&x, &Forward::all(&m, &pos), &mut c).expect("alone").hidden;
+        assert!(max_diff(&both.i(rows).expect("rows"), &alone) < 1e-4);
+    }
+}
+
+#[test]
+fn block_attention_equals_naive_attention() {
+    let weights = tiny_weights();
+    let mut m = from_tensors(config(RopeStyle::Interleaved), weights.clone(), false, &Device::Cpu)
+        .expect("tiny model builds");
+    let ids = tokens(23, 9);
+    m.set_attention_block(1_000_000);
+    let one_block = full_logits(&m, &ids);
+    for rows in [1, 3, 8] {
+        m.set_attention_block(rows);
+        assert!(max_diff(&full_logits(&m, &ids), &one_block) < 1e-5, "block {rows}");
+    }
+    // And against attention written out longhand from the same weights.
+    let naive = naive_layer0(&weights, &ids);
+    let mut cache = m.new_cache();
+    let x = m.embed(&ids).expect("embed");
+    let pos = positions(0, ids.len());
+    let f = Forward {
+        layers: 0..1,
+        ..Forward::all(&m, &pos)
+    };
+    let h = m.forward(&x, &f, &mut cache).expect("layer 0").hidden;
+    assert!(max_diff(&h, &naive) < 1e-4);
+}
+
+/// Layer 0 written out longhand from the weights: full T×T scores, explicit causal mask,
+/// adjacent-pair RoPE, heads mapped to KV heads by `h / (HEADS / KV_HEADS)`.
+fn naive_layer0(w: &HashMap<String, Tensor>, ids: &[u32]) -> Tensor {
+    let n = ids.len();
+    let get = |k: &str| w[k].clone();
+    let p = "model.layers.0";
+    let idx = Tensor::new(ids, &Device::Cpu).expect("ids");
+    let x = get("model.embed_tokens.weight").index_select(&idx, 0).expect("embed");
+    let rms = |x: &Tensor| {
+        let ms = x.sqr()?.mean_keepdim(1)?;
+        x.broadcast_div(&(ms + 1e-5)?.sqrt()?)
+    };
+    let lin = |x: &Tensor, name: &str| x.matmul(&get(name).t()?);
+    let h = rms(&x).expect("norm");
+    let q = lin(&h, &format!("{p}.self_attn.q_proj.weight")).expect("q");
+    let k = lin(&h, &format!("{p}.self_attn.k_proj.weight")).expect("k");
+    let v = lin(&h, &format!("{p}.self_attn.v_proj.weight")).expect("v");
+    let (q, k, v) = (
+        q.to_vec2::<f32>().expect("q"),
+        k.to_vec2::<f32>().expect("k"),
+        v.to_vec2::<f32>().expect("v"),
+    );
+    let rot = |row: &[f32], t: usize, head: usize| -> Vec<f32> {
+        let mut out = row[head * HEAD_DIM..(head + 1) * HEAD_DIM].to_vec();
+        for i in 0..HEAD_DIM / 2 {
+            let a = t as f64 * 10_000f64.powf(-2.0 * i as f64 / HEAD_DIM as f64);
+            let (c, s) = (a.cos() as f32, a.sin() as f32);
+            let (x0, x1) = (out[2 * i], out[2 * i + 1]);
+            out[2 * i] = x0 * c - x1 * s;
+            out[2 * i + 1] = x0 * s + x1 * c;
+        }
+        out
+    };
+    let mut att = vec![0f32; n * HEADS * HEAD_DIM];
+    for head in 0..HEADS {
+        let kvh = head / (HEADS / KV_HEADS);
+        for t in 0..n {
+            let qt = rot(&q[t], t, head);
+            let scores: Vec<f32> = (0..n)
+                .map(|j| {
+                    if j > t {
+                        return f32::NEG_INFINITY;
+                    }
+                    let kj = rot(&k[j], j, kvh);
+                    qt.iter().zip(&kj).map(|(a, b)| a * b).sum::<f32>() / (HEAD_DIM as f32).sqrt()
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+            let z: f32 = e.iter().sum();
+            for (j, ej) in e.iter().enumerate() {
+                for d in 0..HEAD_DIM {
+                    att[t * HEADS * HEAD_DIM + head * HEAD_DIM + d] +=
+                        ej / z * v[j][kvh * HEAD_DIM + d];
+                }
+            }
+        }
+    }
+    let att = Tensor::from_vec(att, (n, HEADS * HEAD_DIM), &Device::Cpu).expect("att");
+    let x = (&x + lin(&att, &format!("{p}.self_attn.o_proj.weight")).expect("o")).expect("add");
+    let h = rms(&x).expect("norm");
+    let g = lin(&h, &format!("{p}.mlp.gate_proj.weight")).expect("gate");
+    let u = lin(&h, &format!("{p}.mlp.up_proj.weight")).expect("up");
+    let m = (candle_nn::ops::silu(&g).expect("silu") * u).expect("mul");
+    (&x + lin(&m, &format!("{p}.mlp.down_proj.weight")).expect("down")).expect("add")
+}
+
+#[test]
+fn forked_caches_do_not_share_storage() {
+    let m = tiny(RopeStyle::Interleaved);
+    let mut base = m.new_cache();
+    m.prefill(&tokens(3, 1), &mut base).expect("prefix");
+    let before = m.prefill(&tokens(2, 2), &mut base.fork().expect("fork")).expect("a");
+    let mut other = base.fork().expect("fork");
+    m.prefill(&tokens(4, 3), &mut other).expect("b");
+    let after = m.prefill(&tokens(2, 2), &mut base.fork().expect("fork")).expect("a again");
+    assert!(max_diff(&before, &after) < 1e-6);
+    assert_eq!(base.len(), 3);
+    let _: &KvCache = &base;
+}

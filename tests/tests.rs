@@ -1,0 +1,9 @@
+//! Integration tests, one binary. Each module is one area; all of them use the real model
+//! or real files where the area has them (`../shared` is read in place, never copied).
+
+mod util;
+
+// The model on tiny random weights: layer ranges, injection, block attention.
+mod model_tiny;
+// The real default model against llama.cpp's reference vectors.
+mod model_parity;
