@@ -88,19 +88,23 @@ pub fn user_config_path() -> PathBuf {
 impl Config {
     /// Defaults, then `file` (or the user's config file when it exists), then the environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut value = toml::Value::try_from(Config::default()).map_err(|e| ConfigError::File {
-            path: PathBuf::new(),
-            reason: e.to_string(),
-        })?;
+        let mut value =
+            toml::Value::try_from(Config::default()).map_err(|e| ConfigError::File {
+                path: PathBuf::new(),
+                reason: e.to_string(),
+            })?;
         let user = user_config_path();
-        let path = file.map(Path::to_path_buf).or(user.is_file().then_some(user));
+        let path = file
+            .map(Path::to_path_buf)
+            .or(user.is_file().then_some(user));
         if let Some(path) = path {
             let err = |reason: String| ConfigError::File {
                 path: path.clone(),
                 reason,
             };
             let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
-            let file_value: toml::Value = toml::from_str(&text).map_err(|e| err(e.message().to_string()))?;
+            let file_value: toml::Value =
+                toml::from_str(&text).map_err(|e| err(e.message().to_string()))?;
             merge(&mut value, file_value);
             Config::deserialize(value.clone()).map_err(|e| err(e.message().to_string()))?;
         }
@@ -225,7 +229,10 @@ mod tests {
         assert_eq!(c.model.device, DeviceChoice::Cpu);
 
         let mut v = toml::Value::try_from(Config::default()).expect("toml");
-        let bad = [("SLM_CHAT_GENERATE_MAX_TOKENS".to_string(), "many".to_string())];
+        let bad = [(
+            "SLM_CHAT_GENERATE_MAX_TOKENS".to_string(),
+            "many".to_string(),
+        )];
         assert!(apply_env(&mut v, bad.into_iter()).is_err());
         let unknown = [("SLM_CHAT_NOPE".to_string(), "1".to_string())];
         assert!(apply_env(&mut v, unknown.into_iter()).is_err());

@@ -51,10 +51,26 @@ fn tiny_weights() -> HashMap<String, Tensor> {
     put("lm_head.weight".into(), &[VOCAB, D], 0.2);
     for i in 0..LAYERS {
         let p = format!("model.layers.{i}");
-        put(format!("{p}.self_attn.q_proj.weight"), &[HEADS * HEAD_DIM, D], 0.3);
-        put(format!("{p}.self_attn.k_proj.weight"), &[KV_HEADS * HEAD_DIM, D], 0.3);
-        put(format!("{p}.self_attn.v_proj.weight"), &[KV_HEADS * HEAD_DIM, D], 0.2);
-        put(format!("{p}.self_attn.o_proj.weight"), &[D, HEADS * HEAD_DIM], 0.2);
+        put(
+            format!("{p}.self_attn.q_proj.weight"),
+            &[HEADS * HEAD_DIM, D],
+            0.3,
+        );
+        put(
+            format!("{p}.self_attn.k_proj.weight"),
+            &[KV_HEADS * HEAD_DIM, D],
+            0.3,
+        );
+        put(
+            format!("{p}.self_attn.v_proj.weight"),
+            &[KV_HEADS * HEAD_DIM, D],
+            0.2,
+        );
+        put(
+            format!("{p}.self_attn.o_proj.weight"),
+            &[D, HEADS * HEAD_DIM],
+            0.2,
+        );
         put(format!("{p}.mlp.gate_proj.weight"), &[FF, D], 0.2);
         put(format!("{p}.mlp.up_proj.weight"), &[FF, D], 0.2);
         put(format!("{p}.mlp.down_proj.weight"), &[D, FF], 0.2);
@@ -71,7 +87,9 @@ fn tiny_weights() -> HashMap<String, Tensor> {
 }
 
 fn tokens(n: usize, seed: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| (i * 7 + seed * 13 + 3) % VOCAB as u32).collect()
+    (0..n as u32)
+        .map(|i| (i * 7 + seed * 13 + 3) % VOCAB as u32)
+        .collect()
 }
 
 fn positions(start: u32, n: usize) -> Vec<u32> {
@@ -92,7 +110,9 @@ fn full_logits(m: &Model, ids: &[u32]) -> Tensor {
     let mut cache = m.new_cache();
     let x = m.embed(ids).expect("embed");
     let pos = positions(0, ids.len());
-    let out = m.forward(&x, &Forward::all(m, &pos), &mut cache).expect("forward");
+    let out = m
+        .forward(&x, &Forward::all(m, &pos), &mut cache)
+        .expect("forward");
     m.logits(&out.hidden).expect("logits")
 }
 
@@ -146,7 +166,9 @@ fn injected_prefix_equals_the_forward_over_the_concatenation() {
     let start = (prefix.len() + context.len()) as u32;
     let qpos = positions(start, question.len());
     let x = m.embed(&question).expect("embed");
-    let out = m.forward(&x, &Forward::all(&m, &qpos), &mut cache).expect("question");
+    let out = m
+        .forward(&x, &Forward::all(&m, &qpos), &mut cache)
+        .expect("question");
     let got = m.logits(&out.hidden).expect("logits");
     let want = reference.i(prefix.len() + context.len()..).expect("rows");
     assert!(max_diff(&got, &want) < 1e-4);
@@ -177,7 +199,10 @@ fn segments_equal_separate_forwards_after_a_shared_prefix() {
         let mut c = base.fork().expect("fork");
         let x = m.embed(chunk).expect("embed");
         let pos = positions(p, chunk.len());
-        let alone = m.forward(&x, &Forward::all(&m, &pos), &mut c).expect("alone").hidden;
+        let alone = m
+            .forward(&x, &Forward::all(&m, &pos), &mut c)
+            .expect("alone")
+            .hidden;
         assert!(max_diff(&both.i(rows).expect("rows"), &alone) < 1e-4);
     }
 }
@@ -185,14 +210,22 @@ fn segments_equal_separate_forwards_after_a_shared_prefix() {
 #[test]
 fn block_attention_equals_naive_attention() {
     let weights = tiny_weights();
-    let mut m = from_tensors(config(RopeStyle::Interleaved), weights.clone(), false, &Device::Cpu)
-        .expect("tiny model builds");
+    let mut m = from_tensors(
+        config(RopeStyle::Interleaved),
+        weights.clone(),
+        false,
+        &Device::Cpu,
+    )
+    .expect("tiny model builds");
     let ids = tokens(23, 9);
     m.set_attention_block(1_000_000);
     let one_block = full_logits(&m, &ids);
     for rows in [1, 3, 8] {
         m.set_attention_block(rows);
-        assert!(max_diff(&full_logits(&m, &ids), &one_block) < 1e-5, "block {rows}");
+        assert!(
+            max_diff(&full_logits(&m, &ids), &one_block) < 1e-5,
+            "block {rows}"
+        );
     }
     // And against attention written out longhand from the same weights.
     let naive = naive_layer0(&weights, &ids);
@@ -214,7 +247,9 @@ fn naive_layer0(w: &HashMap<String, Tensor>, ids: &[u32]) -> Tensor {
     let get = |k: &str| w[k].clone();
     let p = "model.layers.0";
     let idx = Tensor::new(ids, &Device::Cpu).expect("ids");
-    let x = get("model.embed_tokens.weight").index_select(&idx, 0).expect("embed");
+    let x = get("model.embed_tokens.weight")
+        .index_select(&idx, 0)
+        .expect("embed");
     let rms = |x: &Tensor| {
         let ms = x.sqr()?.mean_keepdim(1)?;
         x.broadcast_div(&(ms + 1e-5)?.sqrt()?)
@@ -279,10 +314,14 @@ fn forked_caches_do_not_share_storage() {
     let m = tiny(RopeStyle::Interleaved);
     let mut base = m.new_cache();
     m.prefill(&tokens(3, 1), &mut base).expect("prefix");
-    let before = m.prefill(&tokens(2, 2), &mut base.fork().expect("fork")).expect("a");
+    let before = m
+        .prefill(&tokens(2, 2), &mut base.fork().expect("fork"))
+        .expect("a");
     let mut other = base.fork().expect("fork");
     m.prefill(&tokens(4, 3), &mut other).expect("b");
-    let after = m.prefill(&tokens(2, 2), &mut base.fork().expect("fork")).expect("a again");
+    let after = m
+        .prefill(&tokens(2, 2), &mut base.fork().expect("fork"))
+        .expect("a again");
     assert!(max_diff(&before, &after) < 1e-6);
     assert_eq!(base.len(), 3);
     let _: &KvCache = &base;

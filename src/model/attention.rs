@@ -12,6 +12,7 @@
 use candle_core::{Device, Tensor, D};
 
 use super::kv::KvCache;
+use super::transformer::round_f16;
 use super::{ModelError, Result};
 
 /// One block of query rows and the keys it needs.
@@ -110,6 +111,7 @@ pub(crate) fn attend(
     layer: usize,
     prior: usize,
     plan: &AttnPlan,
+    probs_f16: bool,
 ) -> Result<Tensor> {
     let (n_head, _, head_dim) = q.dims3()?;
     let scale = 1.0 / (head_dim as f64).sqrt();
@@ -132,10 +134,14 @@ pub(crate) fn attend(
         let scores = qb.matmul(&k.t()?)?.reshape((n_kv, group, tq, lk))?;
         if let Some(mask) = &b.mask {
             let cols = mask.dim(1)?;
-            let tail = scores.narrow(D::Minus1, lk - cols, cols)?.broadcast_add(mask)?;
+            let tail = scores
+                .narrow(D::Minus1, lk - cols, cols)?
+                .broadcast_add(mask)?;
             scores.slice_set(&tail, D::Minus1, lk - cols)?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((n_kv, group * tq, lk))?;
+        // llama.cpp multiplies f16 probabilities by its f16 values; see `Model::kv_f16`.
+        let probs = if probs_f16 { round_f16(&probs)? } else { probs };
         let out = probs
             .matmul(&v)?
             .reshape((n_kv, group, tq, head_dim))?
@@ -158,7 +164,9 @@ fn gather_keys(
     if k_lo == 0 {
         return cache.range(layer, 0, prior + q1)?.ok_or_else(missing);
     }
-    let own = cache.range(layer, prior + k_lo, q1 - k_lo)?.ok_or_else(missing)?;
+    let own = cache
+        .range(layer, prior + k_lo, q1 - k_lo)?
+        .ok_or_else(missing)?;
     match cache.range(layer, 0, prior)? {
         None => Ok(own),
         Some((pk, pv)) => Ok((

@@ -23,7 +23,9 @@ pub enum RopeStyle {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.x: per-frequency factors (arXiv 2407.21783, HF `_compute_llama3_parameters`).
     Llama3 {
         factor: f64,
@@ -98,18 +100,42 @@ impl Config {
         }
     }
 
+    /// Per rotated pair, what the plain angle is divided by (1 without scaling).
+    pub fn rope_divisors(&self) -> Vec<f32> {
+        let half = self.head_dim / 2;
+        match &self.rope_scaling {
+            RopeScaling::None => vec![1.0; half],
+            RopeScaling::Linear { factor } => vec![*factor as f32; half],
+            RopeScaling::Factors(f) => (0..half)
+                .map(|i| f.get(i).copied().unwrap_or(1.0))
+                .collect(),
+            RopeScaling::Llama3 { .. } => {
+                let plain = Self {
+                    rope_scaling: RopeScaling::None,
+                    ..self.clone()
+                }
+                .inv_freq();
+                plain
+                    .iter()
+                    .zip(self.inv_freq())
+                    .map(|(p, s)| (p / s) as f32)
+                    .collect()
+            }
+        }
+    }
+
     pub(crate) fn validate(self) -> Result<Self> {
         let bad = |what: String| Err(ModelError::Format(what));
         if self.n_layer == 0 || self.d_model == 0 || self.n_head == 0 || self.n_kv_head == 0 {
             return bad("layer, width and head counts must be positive".into());
         }
-        if self.n_head % self.n_kv_head != 0 {
+        if !self.n_head.is_multiple_of(self.n_kv_head) {
             return bad(format!(
                 "{} attention heads do not divide into {} key/value heads",
                 self.n_head, self.n_kv_head
             ));
         }
-        if self.head_dim % 2 != 0 || self.head_dim == 0 {
+        if !self.head_dim.is_multiple_of(2) || self.head_dim == 0 {
             return bad(format!("head dimension {} is not even", self.head_dim));
         }
         Ok(self)

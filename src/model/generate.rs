@@ -257,7 +257,10 @@ mod tests {
         let mut s = Sampler::new(params);
         let b: Vec<u32> = (0..16).map(|_| s.sample(&logits)).collect::<Result<_>>()?;
         assert_eq!(a, b);
-        assert!(a.iter().any(|&t| t != a[0]), "temperature 1 should vary: {a:?}");
+        assert!(
+            a.iter().any(|&t| t != a[0]),
+            "temperature 1 should vary: {a:?}"
+        );
         Ok(())
     }
 }

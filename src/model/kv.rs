@@ -64,7 +64,12 @@ impl KvCache {
     /// Appending writes into preallocated storage in place, so sharing storage between two
     /// caches would let one overwrite the other; a fork never shares.
     pub fn fork(&self) -> Result<Self> {
-        let mut out = Self::new(self.layers.len(), self.n_kv_head, self.head_dim, &self.device);
+        let mut out = Self::new(
+            self.layers.len(),
+            self.n_kv_head,
+            self.head_dim,
+            &self.device,
+        );
         for (i, layer) in self.layers.iter().enumerate() {
             if let Some(l) = layer {
                 let n = self.lens[i];

@@ -8,12 +8,13 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{Config, HfConfig, RopeScaling, RopeStyle};
-use super::transformer::{Attention, Block, Linear, Mlp, Model};
+use super::quant::QuantMatrix;
+use super::transformer::{Attention, Block, Linear, Mlp, Model, Weights};
 use super::{ModelError, Result};
 
 /// GGUF architectures whose blocks are the LLaMA block.
@@ -87,6 +88,10 @@ impl Weight {
 trait Source {
     fn get(&mut self, w: Weight, shape: &[usize]) -> Result<Tensor>;
     fn has(&self, w: Weight) -> bool;
+    /// A projection's weight `(out, in)` in the form the forward multiplies fastest.
+    fn get_linear(&mut self, w: Weight, shape: &[usize]) -> Result<Weights> {
+        Ok(Weights::Dense(self.get(w, shape)?))
+    }
 }
 
 /// Build a model from any source: the one place that knows the block's tensor layout.
@@ -98,7 +103,7 @@ fn build(config: Config, device: &Device, src: &mut dyn Source, tied: bool) -> R
             Some(b) if c.attention_bias || src.has(b) => Some(src.get(b, &[out])?),
             _ => None,
         };
-        Ok::<_, ModelError>(Linear::new(src.get(w, &[out, inp])?, bias))
+        Ok::<_, ModelError>(Linear::new(src.get_linear(w, &[out, inp])?, bias))
     };
     let mut blocks = Vec::with_capacity(c.n_layer);
     for i in 0..c.n_layer {
@@ -124,11 +129,14 @@ fn build(config: Config, device: &Device, src: &mut dyn Source, tied: bool) -> R
     let norm = src.get(Weight::OutputNorm, &[d])?;
     // Tied models reuse the embedding table as the output head (same storage, no copy).
     let tied = tied || !src.has(Weight::Output);
-    let head = if tied {
-        Linear::new(embed.clone(), None)
-    } else {
-        Linear::new(src.get(Weight::Output, &[c.vocab_size, d])?, None)
+    let head_weight = if tied { Weight::Embed } else { Weight::Output };
+    let head = match src.get_linear(head_weight, &[c.vocab_size, d])? {
+        // A dense tied head is the embedding tensor itself: share it, do not copy it.
+        Weights::Dense(_) if tied => Weights::Dense(embed.clone()),
+        other => other,
     };
+    let tied_dense = tied && matches!(head, Weights::Dense(_));
+    let head = Linear::new(head, None);
     Ok(Model::assemble(
         config,
         device.clone(),
@@ -136,7 +144,7 @@ fn build(config: Config, device: &Device, src: &mut dyn Source, tied: bool) -> R
         blocks,
         norm,
         head,
-        tied,
+        tied_dense,
     ))
 }
 
@@ -172,6 +180,34 @@ impl Source for GgufSource<'_> {
 
     fn has(&self, w: Weight) -> bool {
         self.content.tensor_infos.contains_key(&w.gguf())
+    }
+
+    fn get_linear(&mut self, w: Weight, shape: &[usize]) -> Result<Weights> {
+        let name = w.gguf();
+        let Some(info) = self.content.tensor_infos.get(&name) else {
+            return Err(ModelError::Format(format!("tensor '{name}' is missing")));
+        };
+        if info.shape.dims() != shape {
+            return Err(ModelError::Format(format!(
+                "tensor '{name}' has shape {:?}, expected {shape:?}",
+                info.shape.dims()
+            )));
+        }
+        let q = self.content.tensor(self.reader, &name, &Device::Cpu)?;
+        if self.device.is_cpu() {
+            let data = q.data()?;
+            if let Some(m) = QuantMatrix::from_gguf(q.dtype(), shape[0], shape[1], &data) {
+                return Ok(Weights::Quant(std::sync::Arc::new(m)));
+            }
+        } else if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            let q = self.content.tensor(self.reader, &name, self.device)?;
+            return Ok(Weights::Candle(
+                candle_core::quantized::QMatMul::from_qtensor(q)?,
+            ));
+        }
+        Ok(Weights::Dense(
+            q.dequantize(self.device)?.to_dtype(DType::F32)?,
+        ))
     }
 }
 
@@ -246,9 +282,9 @@ impl GgufFile {
     }
 
     pub(crate) fn config(&self) -> Result<Config> {
-        let arch = self
-            .meta_str("general.architecture")
-            .ok_or_else(|| ModelError::Format("missing metadata key 'general.architecture'".into()))?;
+        let arch = self.meta_str("general.architecture").ok_or_else(|| {
+            ModelError::Format("missing metadata key 'general.architecture'".into())
+        })?;
         if !GGUF_ARCHS.contains(&arch.as_str()) {
             return Err(ModelError::UnsupportedArch(arch));
         }
@@ -265,7 +301,11 @@ impl GgufFile {
             .unwrap_or(d_model / n_head.max(1));
         let vocab_size = match self.content.tensor_infos.get("token_embd.weight") {
             Some(info) => info.shape.dims()[0],
-            None => return Err(ModelError::Format("tensor 'token_embd.weight' is missing".into())),
+            None => {
+                return Err(ModelError::Format(
+                    "tensor 'token_embd.weight' is missing".into(),
+                ))
+            }
         };
         let rope_scaling = match self.meta_str(&k("rope.scaling.type")).as_deref() {
             Some("linear") => RopeScaling::Linear {
@@ -274,7 +314,9 @@ impl GgufFile {
             _ => RopeScaling::None,
         };
         Config {
-            name: self.meta_str("general.name").unwrap_or_else(|| arch.clone()),
+            name: self
+                .meta_str("general.name")
+                .unwrap_or_else(|| arch.clone()),
             n_layer: self.meta_u32(&k("block_count"))? as usize,
             d_model,
             n_head,
@@ -314,7 +356,9 @@ impl GgufFile {
             reader: &mut self.reader,
             device,
         };
-        build(config, device, &mut src, false)
+        let mut model = build(config, device, &mut src, false)?;
+        model.kv_f16 = true;
+        Ok(model)
     }
 }
 
@@ -323,8 +367,8 @@ pub(crate) fn hf_model(dir: &Path, device: &Device) -> Result<Model> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path)
         .map_err(|_| ModelError::Format("no config.json in this folder".into()))?;
-    let hf: HfConfig = serde_json::from_str(&text)
-        .map_err(|e| ModelError::Format(format!("config.json: {e}")))?;
+    let hf: HfConfig =
+        serde_json::from_str(&text).map_err(|e| ModelError::Format(format!("config.json: {e}")))?;
     let tied = hf.tie_word_embeddings;
     let config = hf.into_config()?;
     let files = safetensors_files(dir)?;
@@ -351,7 +395,9 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(ModelError::Format("no *.safetensors files in this folder".into()));
+        return Err(ModelError::Format(
+            "no *.safetensors files in this folder".into(),
+        ));
     }
     Ok(files)
 }

@@ -12,6 +12,7 @@ mod fetch;
 mod generate;
 mod kv;
 mod load;
+mod quant;
 mod rope;
 mod tokenizer;
 mod transformer;
@@ -40,7 +41,9 @@ pub use transformer::{Forward, ForwardOutput, LayerKv, Model};
 pub enum ModelError {
     #[error("model '{path}': {reason}")]
     Load { path: PathBuf, reason: String },
-    #[error("unsupported architecture '{0}' (slm-chat runs LLaMA-family models: llama, mistral, qwen2)")]
+    #[error(
+        "unsupported architecture '{0}' (slm-chat runs LLaMA-family models: llama, mistral, qwen2)"
+    )]
     UnsupportedArch(String),
     #[error("{0}")]
     Format(String),
@@ -135,8 +138,8 @@ pub fn load(path: &Path, device: &Device) -> Result<Llm> {
     } else {
         return Err(wrap(ModelError::Format("no such file or folder".into())));
     };
-    let chat = ChatTemplate::new(template, tokenizer.bos_token(), tokenizer.eos_token())
-        .map_err(wrap)?;
+    let chat =
+        ChatTemplate::new(template, tokenizer.bos_token(), tokenizer.eos_token()).map_err(wrap)?;
     Ok(Llm {
         model,
         tokenizer,

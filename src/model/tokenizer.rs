@@ -19,7 +19,13 @@ use super::{ModelError, Result};
 const CANDLE_KNOWS_PRE: &[&str] = &["qwen2", "llama3", "smaug-bpe", "lfm2"];
 
 /// Token texts that end an assistant turn in the common chat formats.
-const END_OF_TURN: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>"];
+const END_OF_TURN: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<|endoftext|>",
+    "</s>",
+];
 
 /// A tokenizer plus what the model needs to know about its special tokens.
 #[derive(Debug, Clone)]
@@ -59,8 +65,9 @@ impl Tokenizer {
     }
 
     pub(crate) fn from_gguf(g: &GgufFile) -> Result<Self> {
-        let mut tk = tokenizers::Tokenizer::from_gguf(&g.content)
-            .map_err(|e| ModelError::Tokenizer(format!("cannot build it from GGUF metadata: {e}")))?;
+        let mut tk = tokenizers::Tokenizer::from_gguf(&g.content).map_err(|e| {
+            ModelError::Tokenizer(format!("cannot build it from GGUF metadata: {e}"))
+        })?;
         let pre = g.meta_str("tokenizer.ggml.pre").unwrap_or_default();
         if !CANDLE_KNOWS_PRE.contains(&pre.as_str()) {
             // candle falls back to ByteLevel with a prefix space, which llama.cpp never adds
@@ -103,16 +110,15 @@ impl Tokenizer {
 
     /// Token ids of `text`; `parse_special` lets `<|im_start|>` and friends be single tokens.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
-        let tk = if parse_special { &self.special } else { &self.plain };
+        let tk = if parse_special {
+            &self.special
+        } else {
+            &self.plain
+        };
         let enc = tk.encode_fast(text, false).map_err(tk_err)?;
         Ok(enc.get_ids().to_vec())
     }
 
-    /// Token ids of plain `text` with the byte range of `text` each token covers.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
-        let enc = self.plain.encode(text, false).map_err(tk_err)?;
-        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
-    }
 
     /// Text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

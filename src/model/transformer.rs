@@ -7,37 +7,70 @@
 //! when asked. The context tree and the answer engine are both built on these calls.
 
 use std::ops::Range;
+use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor};
 
 use super::attention::{attend, AttnPlan};
 use super::config::Config;
 use super::kv::KvCache;
-use super::rope::{self, RopeTables};
+use super::quant::QuantMatrix;
+use super::rope::RopeTables;
 use super::{ModelError, Result};
 
 /// Query rows per attention block: 256 rows × 9 heads × 8K keys is 75 MB of scores.
 const DEFAULT_ATTENTION_BLOCK: usize = 256;
 
+/// How a projection's weight is held.
+#[derive(Debug)]
+pub(crate) enum Weights {
+    /// `(out, in)` f32 through gemm: safetensors checkpoints, and GGUF types without a
+    /// kernel of ours.
+    Dense(Tensor),
+    /// GGUF Q4_1/Q8_0 on the CPU, through our kernel (see `quant`).
+    Quant(Arc<QuantMatrix>),
+    /// GGUF quantized weights on a GPU, through candle's CUDA kernels.
+    Candle(QMatMul),
+}
+
 /// A projection `y = x Wᵀ + b`.
 #[derive(Debug)]
 pub(crate) struct Linear {
-    /// `(out, in)`, f32: batched prefill is compute-bound and f32 goes through gemm.
-    w: Tensor,
+    w: Weights,
     b: Option<Tensor>,
 }
 
 impl Linear {
-    pub(crate) fn new(w: Tensor, b: Option<Tensor>) -> Self {
+    pub(crate) fn new(w: Weights, b: Option<Tensor>) -> Self {
         Self { w, b }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.w.t()?)?;
+        let y = match &self.w {
+            Weights::Dense(w) => x.matmul(&w.t()?)?,
+            Weights::Candle(q) => q.forward(x)?,
+            Weights::Quant(q) => {
+                let n = x.dim(0)?;
+                let flat = x.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(q.matmul(&flat, n), (n, q.rows()), x.device())?
+            }
+        };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    fn bytes(&self) -> usize {
+        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let w = match &self.w {
+            Weights::Dense(t) => size(t),
+            Weights::Quant(q) => q.bytes(),
+            Weights::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Weights::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => size(t),
+        };
+        w + self.b.as_ref().map_or(0, size)
     }
 }
 
@@ -128,10 +161,13 @@ pub struct Model {
     pub(crate) blocks: Vec<Block>,
     pub(crate) norm: Tensor,
     pub(crate) head: Linear,
-    pub(crate) inv_freq: Vec<f64>,
     pub(crate) attention_block: usize,
-    /// The output head is the embedding table itself.
-    pub(crate) tied: bool,
+    /// The output head is the embedding tensor itself (no separate copy in memory).
+    pub(crate) tied_dense: bool,
+    /// Round Q, K, V and attention probabilities to f16, as llama.cpp does with its f16 KV
+    /// cache. GGUF models run llama.cpp's numerics so their greedy answers stay next to
+    /// llama.cpp's (BENCHMARKS.md, parity); safetensors models stay in f32 like transformers.
+    pub(crate) kv_f16: bool,
 }
 
 impl Model {
@@ -142,9 +178,8 @@ impl Model {
         blocks: Vec<Block>,
         norm: Tensor,
         head: Linear,
-        tied: bool,
+        tied_dense: bool,
     ) -> Self {
-        let inv_freq = config.inv_freq();
         Self {
             config,
             device,
@@ -152,9 +187,9 @@ impl Model {
             blocks,
             norm,
             head,
-            inv_freq,
             attention_block: DEFAULT_ATTENTION_BLOCK,
-            tied,
+            tied_dense,
+            kv_f16: false,
         }
     }
 
@@ -211,7 +246,7 @@ impl Model {
                 f.layers, c.n_layer
             )));
         }
-        let rope = RopeTables::new(&self.inv_freq, c.rope_style, f.positions, &self.device)?;
+        let rope = RopeTables::new(c, f.positions, &self.device)?;
         let plan = AttnPlan::new(n, f.segments, self.attention_block, &self.device)?;
         let mut out = ForwardOutput {
             hidden: x.clone(),
@@ -244,10 +279,10 @@ impl Model {
         let c = &self.config;
         let b = &self.blocks[layer];
         let eps = c.rms_eps as f32;
-        let h = candle_nn::ops::rms_norm(x, &b.attn_norm, eps)?;
+        let h = rms_norm(x, &b.attn_norm, eps)?;
         let (att, kv) = self.attention(layer, &h, rope, plan, cache)?;
         let x = (x + b.attn.o.forward(&att)?)?;
-        let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
+        let h = rms_norm(&x, &b.ffn_norm, eps)?;
         let x = (&x + b.mlp.forward(&h)?)?;
         Ok((x, kv))
     }
@@ -266,18 +301,27 @@ impl Model {
         let q = a.q.forward(h)?;
         let k = a.k.forward(h)?;
         let v = a.v.forward(h)?;
-        let q = rope.apply(&heads_first(&q, c.n_head, c.head_dim)?)?;
-        let k_rot = rope.apply(&heads_first(&k, c.n_kv_head, c.head_dim)?)?;
+        let q = self.kv_round(rope.apply(&heads_first(&q, c.n_head, c.head_dim)?)?)?;
+        let k_rot = self.kv_round(rope.apply(&heads_first(&k, c.n_kv_head, c.head_dim)?)?)?;
+        let v_heads = self.kv_round(heads_first(&v, c.n_kv_head, c.head_dim)?)?;
         let prior = cache.layer_len(layer);
-        cache.append(layer, &k_rot, &heads_first(&v, c.n_kv_head, c.head_dim)?)?;
-        let att = attend(&q, cache, layer, prior, plan)?;
+        cache.append(layer, &k_rot, &v_heads)?;
+        let att = attend(&q, cache, layer, prior, plan, self.kv_f16)?;
         debug_assert_eq!(att.dim(0)?, n);
         Ok((att, LayerKv { k, v }))
     }
 
+    fn kv_round(&self, x: Tensor) -> Result<Tensor> {
+        if self.kv_f16 {
+            round_f16(&x)
+        } else {
+            Ok(x)
+        }
+    }
+
     /// Logits `(n, vocab)` for hidden states `(n, d_model)` from the last layer.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let h = candle_nn::ops::rms_norm(hidden, &self.norm, self.config.rms_eps as f32)?;
+        let h = rms_norm(hidden, &self.norm, self.config.rms_eps as f32)?;
         self.head.forward(&h)
     }
 
@@ -298,9 +342,9 @@ impl Model {
                 kv.k.dim(0)?
             )));
         }
-        let rope = rope::tables(c, positions, &self.device)?;
-        let k = rope.apply(&heads_first(&kv.k, c.n_kv_head, c.head_dim)?)?;
-        let v = heads_first(&kv.v, c.n_kv_head, c.head_dim)?;
+        let rope = RopeTables::new(c, positions, &self.device)?;
+        let k = self.kv_round(rope.apply(&heads_first(&kv.k, c.n_kv_head, c.head_dim)?)?)?;
+        let v = self.kv_round(heads_first(&kv.v, c.n_kv_head, c.head_dim)?)?;
         cache.append(layer, &k, &v)
     }
 
@@ -321,25 +365,51 @@ impl Model {
     /// Bytes of the model's tensors as held in memory.
     pub fn weight_bytes(&self) -> usize {
         let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let lin = |l: &Linear| size(&l.w) + l.b.as_ref().map_or(0, size);
         let blocks: usize = self
             .blocks
             .iter()
             .map(|b| {
+                let (a, m) = (&b.attn, &b.mlp);
                 size(&b.attn_norm)
                     + size(&b.ffn_norm)
-                    + lin(&b.attn.q)
-                    + lin(&b.attn.k)
-                    + lin(&b.attn.v)
-                    + lin(&b.attn.o)
-                    + lin(&b.mlp.gate)
-                    + lin(&b.mlp.up)
-                    + lin(&b.mlp.down)
+                    + [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+                        .iter()
+                        .map(|l| l.bytes())
+                        .sum::<usize>()
             })
             .sum();
-        let head = if self.tied { 0 } else { lin(&self.head) };
+        let head = if self.tied_dense {
+            0
+        } else {
+            self.head.bytes()
+        };
         size(&self.embed) + size(&self.norm) + head + blocks
     }
+}
+
+/// RMSNorm as llama.cpp computes it: the mean square accumulated in f64, the scale
+/// `1/sqrt(mean + eps)` in f32, then `x * scale * w`. candle's kernel sums in f32; the
+/// difference is tiny but it moves 8-bit activation rounding downstream.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return Ok(candle_nn::ops::rms_norm(x, w, eps)?);
+    }
+    let (n, d) = x.dims2()?;
+    let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+    let w = w.to_vec1::<f32>()?;
+    for row in v.chunks_exact_mut(d) {
+        let sum: f64 = row.iter().map(|&a| (a * a) as f64).sum();
+        let scale = 1.0 / ((sum / d as f64) as f32 + eps).sqrt();
+        for (a, &g) in row.iter_mut().zip(&w) {
+            *a = *a * scale * g;
+        }
+    }
+    Ok(Tensor::from_vec(v, (n, d), x.device())?)
+}
+
+/// Round to the nearest f16 and widen back to f32.
+pub(crate) fn round_f16(x: &Tensor) -> Result<Tensor> {
+    Ok(x.to_dtype(DType::F16)?.to_dtype(DType::F32)?)
 }
 
 /// `(n, heads * head_dim)` → `(heads, n, head_dim)`, contiguous.
