@@ -7,3 +7,7 @@ mod util;
 mod model_tiny;
 // The real default model against llama.cpp's reference vectors.
 mod model_parity;
+// Documents: PDF (worker subprocess), text, Markdown, EPUB, and bad input.
+mod document;
+// The real binary: ask, bench, and bad model input.
+mod cli;

@@ -1,7 +1,11 @@
-//! Shared helpers: the real default model (fetched once per test run) and paths to ../shared.
+//! Shared helpers: the real default model (fetched once per test run), paths to ../shared,
+//! running the real binary, temp files.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::OnceLock;
+
+use slm_chat::document::{self, Document, DocumentError, LoadOptions};
 
 use slm_chat::config::Config;
 
@@ -27,4 +31,66 @@ pub fn llm() -> &'static slm_chat::model::Llm {
     LLM.get_or_init(|| {
         slm_chat::model::load(&default_model(), &candle_core::Device::Cpu).expect("model loads")
     })
+}
+
+/// `../shared/corpus/<rel>`, beside the crate (the same layout in /work/main and here).
+pub fn corpus(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/corpus")
+        .join(rel)
+}
+
+/// The real binary, which also serves as the PDF worker.
+pub fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_slm-chat"))
+}
+
+/// Loads through the library with the real binary as the worker.
+pub fn load(path: &Path) -> Result<Document, DocumentError> {
+    document::load(path, &LoadOptions::new(exe()))
+}
+
+/// What `slm-chat extract [--json] FILE` did.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn extract(path: &Path, json: bool) -> Run {
+    let mut command = Command::new(exe());
+    command.arg("extract").arg(path);
+    if json {
+        command.arg("--json");
+    }
+    let output = command.output().expect("run slm-chat");
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+pub fn extract_json(path: &Path) -> serde_json::Value {
+    let run = extract(path, true);
+    assert_eq!(run.code, 0, "{}: {}", path.display(), run.stderr);
+    serde_json::from_str(&run.stdout).expect("valid JSON")
+}
+
+/// Asserts a failed run printed exactly `slm-chat: <path>: <message>` and exited with `code`.
+pub fn assert_clean_error(run: &Run, path: &Path, message: &str, code: i32) {
+    assert_eq!(
+        run.stderr,
+        format!("slm-chat: {}: {message}\n", path.display())
+    );
+    assert_eq!(run.code, code, "exit code for {message}");
+    assert!(run.stdout.is_empty());
+}
+
+/// A temp dir holding one file with `bytes`.
+pub fn temp_file(name: &str, bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join(name);
+    std::fs::write(&path, bytes).expect("write temp file");
+    (dir, path)
 }

@@ -15,7 +15,7 @@ use candle_nn::VarBuilder;
 use super::config::{Config, HfConfig, RopeScaling, RopeStyle};
 use super::quant::QuantMatrix;
 use super::transformer::{Attention, Block, Linear, Mlp, Model, Weights};
-use super::{ModelError, Result};
+use super::{first_line, ModelError, Result};
 
 /// GGUF architectures whose blocks are the LLaMA block.
 const GGUF_ARCHS: &[&str] = &["llama", "qwen2"];
@@ -240,8 +240,9 @@ impl GgufFile {
         let file = File::open(path)?;
         let file_len = file.metadata()?.len();
         let mut reader = BufReader::new(file);
-        let content = gguf_file::Content::read(&mut reader)
-            .map_err(|e| ModelError::Format(format!("not a readable GGUF file ({e})")))?;
+        let content = gguf_file::Content::read(&mut reader).map_err(|e| {
+            ModelError::Format(format!("not a readable GGUF file ({})", first_line(&e)))
+        })?;
         // A file cut short parses its header fine and fails deep inside a tensor read;
         // check every tensor's extent up front so the message says what is wrong.
         let mut end = content.tensor_data_offset;
@@ -250,7 +251,7 @@ impl GgufFile {
             let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
             end = end.max(content.tensor_data_offset + info.offset + bytes as u64);
         }
-        if end > file_len {
+        if !content.tensor_infos.is_empty() && end > file_len {
             return Err(ModelError::Format(format!(
                 "the file is truncated: its tensors need {end} bytes, it has {file_len}"
             )));

@@ -59,8 +59,19 @@ pub enum ModelError {
     Device(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error("tensor operation failed: {0}")]
+    #[error("tensor operation failed: {}", first_line(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// The first line of an error: candle appends a backtrace when RUST_BACKTRACE is set, and
+/// the user gets one line.
+pub(crate) fn first_line(e: &impl std::fmt::Display) -> String {
+    e.to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

@@ -119,7 +119,6 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
-
     /// Text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.special.decode(ids, false).map_err(tk_err)

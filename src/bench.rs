@@ -1,0 +1,185 @@
+//! `slm-chat bench`: prefill, encode and decode throughput and memory on this machine, so
+//! speed is tracked from day one. Each figure is the median of several runs.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::model::{argmax, Forward, Llm, ModelError};
+
+/// Text the bench tokenizes: the bundled sample (real prose, ~31K tokens).
+pub const SAMPLE_TEXT: &str = include_str!("../assets/sherlock_holmes_adventures_1-3.txt");
+
+/// Chunk size and sink prefix length of the encode figure (the context tree's defaults).
+const ENCODE_CHUNK: usize = 512;
+const ENCODE_PREFIX: usize = 32;
+const ENCODE_CHUNKS: usize = 4;
+const DECODE_PROMPT: usize = 512;
+const DECODE_TOKENS: usize = 64;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchPlan {
+    pub prefill_sizes: Vec<usize>,
+    pub reps: usize,
+}
+
+/// One figure: median and spread over the runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    pub name: String,
+    pub tokens: usize,
+    pub median_tok_s: f64,
+    pub min_tok_s: f64,
+    pub max_tok_s: f64,
+    pub runs: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub device: String,
+    pub threads: usize,
+    pub load_secs: f64,
+    pub weight_bytes: usize,
+    pub figures: Vec<Figure>,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+fn figure(name: String, tokens: usize, mut runs: Vec<f64>) -> Figure {
+    let mut sorted = runs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    runs.shrink_to_fit();
+    Figure {
+        name,
+        tokens,
+        median_tok_s: median,
+        min_tok_s: sorted[0],
+        max_tok_s: sorted[sorted.len() - 1],
+        runs,
+    }
+}
+
+/// Run the plan; `progress` gets a line before each measurement.
+pub fn run(
+    llm: &Llm,
+    plan: &BenchPlan,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport, ModelError> {
+    let tokens = llm.tokenizer.encode(SAMPLE_TEXT, false)?;
+    let reps = plan.reps.max(1);
+    let m = &llm.model;
+    let mut figures = Vec::new();
+
+    for &n in &plan.prefill_sizes {
+        if n > tokens.len() {
+            return Err(ModelError::Input(format!(
+                "prefill {n} needs more than the sample's {} tokens",
+                tokens.len()
+            )));
+        }
+        progress(&format!("prefill {n} tokens × {reps}"));
+        let runs = (0..reps)
+            .map(|_| {
+                let mut cache = m.new_cache();
+                let t = Instant::now();
+                m.prefill(&tokens[..n], &mut cache)?;
+                Ok(n as f64 / t.elapsed().as_secs_f64())
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        figures.push(figure(format!("prefill-{n}"), n, runs));
+    }
+
+    // Encode: what building a context tree does per chunk — a shared sink prefix, then each
+    // chunk through every layer with its keys and values kept and no output head.
+    progress(&format!(
+        "encode {ENCODE_CHUNKS} chunks of {ENCODE_CHUNK} tokens × {reps}"
+    ));
+    let prefix = &tokens[..ENCODE_PREFIX];
+    let runs = (0..reps)
+        .map(|_| {
+            let mut base = m.new_cache();
+            m.prefill(prefix, &mut base)?;
+            let t = Instant::now();
+            for c in 0..ENCODE_CHUNKS {
+                let start = ENCODE_PREFIX + c * ENCODE_CHUNK;
+                let chunk = &tokens[start..start + ENCODE_CHUNK];
+                let pos: Vec<u32> =
+                    (ENCODE_PREFIX as u32..(ENCODE_PREFIX + ENCODE_CHUNK) as u32).collect();
+                let mut cache = base.fork()?;
+                let f = Forward {
+                    keep_kv: true,
+                    ..Forward::all(m, &pos)
+                };
+                m.forward(&m.embed(chunk)?, &f, &mut cache)?;
+            }
+            Ok((ENCODE_CHUNKS * ENCODE_CHUNK) as f64 / t.elapsed().as_secs_f64())
+        })
+        .collect::<Result<Vec<_>, ModelError>>()?;
+    figures.push(figure(
+        format!("encode-{ENCODE_CHUNK}x{ENCODE_CHUNKS}"),
+        ENCODE_CHUNK * ENCODE_CHUNKS,
+        runs,
+    ));
+
+    progress(&format!(
+        "decode {DECODE_TOKENS} tokens after {DECODE_PROMPT} × {reps}"
+    ));
+    let runs = (0..reps)
+        .map(|_| {
+            let mut cache = m.new_cache();
+            let mut logits = m.prefill(&tokens[..DECODE_PROMPT], &mut cache)?;
+            let t = Instant::now();
+            for _ in 0..DECODE_TOKENS {
+                let next = argmax(&logits.to_vec1::<f32>()?);
+                logits = m.prefill(&[next], &mut cache)?;
+            }
+            Ok(DECODE_TOKENS as f64 / t.elapsed().as_secs_f64())
+        })
+        .collect::<Result<Vec<_>, ModelError>>()?;
+    figures.push(figure(
+        format!("decode-after-{DECODE_PROMPT}"),
+        DECODE_TOKENS,
+        runs,
+    ));
+
+    Ok(BenchReport {
+        model: llm.path.display().to_string(),
+        device: crate::model::device_name(m.device()).to_string(),
+        threads: rayon::current_num_threads(),
+        load_secs: llm.load_secs,
+        weight_bytes: m.weight_bytes(),
+        figures,
+        peak_rss_bytes: crate::sys::peak_rss_bytes(),
+    })
+}
+
+/// The report as a table for people.
+pub fn render(r: &BenchReport) -> String {
+    let mut out = format!(
+        "model   {}\ndevice  {} ({} threads), loaded in {:.2} s, weights {}\n\n",
+        r.model,
+        r.device,
+        r.threads,
+        r.load_secs,
+        crate::sys::human_bytes(r.weight_bytes as u64)
+    );
+    out += &format!(
+        "{:<22} {:>8} {:>12} {:>20}\n",
+        "figure", "tokens", "median tok/s", "min – max"
+    );
+    for f in &r.figures {
+        out += &format!(
+            "{:<22} {:>8} {:>12.1} {:>20}\n",
+            f.name,
+            f.tokens,
+            f.median_tok_s,
+            format!("{:.1} – {:.1}", f.min_tok_s, f.max_tok_s)
+        );
+    }
+    if let Some(peak) = r.peak_rss_bytes {
+        out += &format!("\npeak RSS {}\n", crate::sys::human_bytes(peak));
+    }
+    out
+}

@@ -1,0 +1,186 @@
+//! One question end to end: build the prompt around the document, run the model, stream the
+//! answer, measure it.
+//!
+//! The methods here are the ones that need no context tree: `truncate` (start and end of the
+//! document, the middle cut, full attention) and `full` (the whole document, only when it
+//! fits the window). They are also the baselines the tree is measured against.
+
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::document::Document;
+use crate::model::{
+    generate, GenerationStats, Llm, Message, ModelError, SamplingParams, StopReason,
+};
+
+/// What the model is told about its job. Short: a 135M model follows short instructions best.
+pub const SYSTEM_PROMPT: &str = "You answer questions about a document. Use only the document. \
+If the document does not contain the answer, say that it does not.";
+
+/// Stands in for the document while the template is rendered, so the document itself is
+/// tokenized as plain text (a book containing `<|im_end|>` cannot end the turn).
+const DOC_SLOT: &str = "\u{0}SLM_CHAT_DOCUMENT\u{0}";
+
+/// Marks where `truncate` cut the middle out.
+const CUT_MARK: &str = "\n\n[…]\n\n";
+
+/// How the document reaches the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Keep the start and the end of the document, cut the middle, full attention.
+    Truncate,
+    /// The whole document; an error when it does not fit the model's window.
+    Full,
+}
+
+/// What went wrong answering.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(
+        "the document is {doc} tokens and only {room} fit the model's {window}-token window; \
+         use --method truncate"
+    )]
+    TooLong {
+        doc: usize,
+        room: usize,
+        window: usize,
+    },
+    #[error("the question is empty")]
+    EmptyQuestion,
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// A finished answer with its figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Answer {
+    pub answer: String,
+    pub method: Method,
+    pub stop: StopReason,
+    pub document_tokens: usize,
+    /// Document tokens the model actually saw.
+    pub kept_tokens: usize,
+    pub prompt_tokens: usize,
+    pub timings: Timings,
+    pub memory: Memory,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Timings {
+    pub first_token_ms: f64,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    pub decode_tokens: usize,
+    pub total_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Memory {
+    /// KV cache bytes at the end of the answer.
+    pub kv_bytes: usize,
+    pub weight_bytes: usize,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// The prompt split around the document: `prefix ++ document ++ suffix`.
+struct PromptParts {
+    prefix: Vec<u32>,
+    suffix: Vec<u32>,
+}
+
+fn prompt_parts(llm: &Llm, question: &str) -> Result<PromptParts, EngineError> {
+    let user = format!(
+        "Read the following document and answer the question at the end.\n\n{DOC_SLOT}\n\nQuestion: {question}"
+    );
+    let text = llm
+        .chat
+        .render(&[Message::system(SYSTEM_PROMPT), Message::user(user)], true)?;
+    let (before, after) = text
+        .split_once(DOC_SLOT)
+        .ok_or_else(|| ModelError::Template("the template dropped the user's message".into()))?;
+    Ok(PromptParts {
+        prefix: llm.tokenizer.encode(before, true)?,
+        suffix: llm.tokenizer.encode(after, true)?,
+    })
+}
+
+/// Answer `question` about `doc`, calling `on_text` with each new piece of the answer.
+pub fn ask(
+    llm: &Llm,
+    doc: &Document,
+    question: &str,
+    method: Method,
+    params: &SamplingParams,
+    cancel: &AtomicBool,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Answer, EngineError> {
+    let start = Instant::now();
+    if question.trim().is_empty() {
+        return Err(EngineError::EmptyQuestion);
+    }
+    let parts = prompt_parts(llm, question.trim())?;
+    let doc_tokens = llm.tokenizer.encode(&doc.text, false)?;
+    let window = llm.model.config().context_length;
+    let room = window.saturating_sub(parts.prefix.len() + parts.suffix.len() + params.max_tokens);
+    let (kept, seen) = match method {
+        _ if doc_tokens.len() <= room => (doc_tokens.clone(), doc_tokens.len()),
+        Method::Full => {
+            return Err(EngineError::TooLong {
+                doc: doc_tokens.len(),
+                room,
+                window,
+            })
+        }
+        Method::Truncate => {
+            let mark = llm.tokenizer.encode(CUT_MARK, false)?;
+            let keep = room.saturating_sub(mark.len());
+            let head = keep.div_ceil(2);
+            let tail = keep - head;
+            let kept = [
+                &doc_tokens[..head],
+                &mark[..],
+                &doc_tokens[doc_tokens.len() - tail..],
+            ]
+            .concat();
+            (kept, keep)
+        }
+    };
+    let prompt = [&parts.prefix[..], &kept[..], &parts.suffix[..]].concat();
+    let mut cache = llm.model.new_cache();
+    let gen = generate(
+        &llm.model,
+        &llm.tokenizer,
+        &prompt,
+        &mut cache,
+        params,
+        cancel,
+        on_text,
+    )?;
+    Ok(Answer {
+        answer: gen.text.trim().to_string(),
+        method,
+        stop: gen.stop,
+        document_tokens: doc_tokens.len(),
+        kept_tokens: seen,
+        prompt_tokens: prompt.len(),
+        timings: timings(&gen.stats, start),
+        memory: Memory {
+            kv_bytes: cache.bytes(),
+            weight_bytes: llm.model.weight_bytes(),
+            peak_rss_bytes: crate::sys::peak_rss_bytes(),
+        },
+    })
+}
+
+fn timings(s: &GenerationStats, start: Instant) -> Timings {
+    Timings {
+        first_token_ms: s.first_token_secs * 1e3,
+        prefill_tok_s: s.prefill_tok_s(),
+        decode_tok_s: s.decode_tok_s(),
+        decode_tokens: s.decode_tokens,
+        total_ms: start.elapsed().as_secs_f64() * 1e3,
+    }
+}

@@ -1,0 +1,58 @@
+//! Process figures for status lines and benchmarks.
+
+/// Peak resident set size of this process, in bytes (Linux `VmHWM`), when the OS tells.
+pub fn peak_rss_bytes() -> Option<u64> {
+    status_kib("VmHWM:").map(|k| k * 1024)
+}
+
+/// Current resident set size, in bytes (Linux `VmRSS`), when the OS tells.
+pub fn rss_bytes() -> Option<u64> {
+    status_kib("VmRSS:").map(|k| k * 1024)
+}
+
+fn status_kib(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Bytes as a short human figure: `512 B`, `3.4 MB`, `1.2 GB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KB", "MB", "GB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1000.0 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_read_as_people_write_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3_400_000), "3.4 MB");
+        assert_eq!(human_bytes(1_200_000_000), "1.2 GB");
+    }
+
+    #[test]
+    fn linux_reports_resident_memory() {
+        if cfg!(target_os = "linux") {
+            let (rss, peak) = (rss_bytes().unwrap_or(0), peak_rss_bytes().unwrap_or(0));
+            assert!(rss > 0 && peak >= rss, "rss {rss} peak {peak}");
+        }
+    }
+}

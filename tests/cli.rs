@@ -1,0 +1,163 @@
+//! The real binary end to end: `ask` on the bundled sample with the real model, `bench`,
+//! and bad model input, each failure one clear line with a non-zero exit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::util::{default_model, exe, temp_file};
+
+fn sample() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/sherlock_holmes_adventures_1-3.txt")
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(args: &[&str], model: &Path) -> Out {
+    let o = Command::new(exe())
+        .arg("--model")
+        .arg(model)
+        .args(args)
+        .output()
+        .expect("run slm-chat");
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// A failure prints exactly one `slm-chat: …` line containing `needle` and exits non-zero.
+fn assert_one_line_error(out: &Out, needle: &str) {
+    assert_ne!(out.code, 0, "should fail: {}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line, got: {:?}", out.stderr);
+    assert!(lines[0].starts_with("slm-chat: "), "{}", lines[0]);
+    assert!(lines[0].contains(needle), "'{}' lacks '{needle}'", lines[0]);
+    assert!(!out.stderr.contains("panicked"));
+}
+
+#[test]
+fn ask_answers_from_the_sample_with_the_real_model() {
+    let out = run(&["ask", "--json", "--max-tokens", "24"], &default_model());
+    // clap wants FILE and QUESTION; make sure usage errors are one clear message too.
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("Usage"));
+
+    // The opening of the sample (~1,400 tokens): the whole sample would need a full 8K
+    // prefill per test run; the opening holds the answer and keeps the test quick.
+    let text = std::fs::read_to_string(sample()).expect("sample");
+    let cut = (6000..text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
+    let (_dir, file) = temp_file("story.txt", text[..cut].as_bytes());
+    let q = "Who does Sherlock Holmes always call the woman?";
+    let args = [
+        "ask",
+        file.to_str().expect("utf-8 path"),
+        q,
+        "--json",
+        "--max-tokens",
+        "24",
+    ];
+    let out = run(&args, &default_model());
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("one JSON object");
+    let answer = v["answer"].as_str().unwrap_or("");
+    assert!(answer.contains("Irene Adler"), "{answer}");
+    let (doc, kept) = (v["document_tokens"].as_u64(), v["kept_tokens"].as_u64());
+    assert_eq!(kept, doc, "a short document is seen whole");
+    assert!(v["timings"]["decode_tok_s"].as_f64().unwrap_or(0.0) > 0.0);
+    assert!(v["memory"]["kv_bytes"].as_u64().unwrap_or(0) > 0);
+}
+
+#[test]
+fn full_refuses_a_document_longer_than_the_window() {
+    let file = sample();
+    let out = run(
+        &[
+            "ask",
+            file.to_str().expect("utf-8"),
+            "Who?",
+            "--method",
+            "full",
+        ],
+        &default_model(),
+    );
+    assert_one_line_error(&out, "use --method truncate");
+}
+
+#[test]
+fn bench_reports_positive_figures() {
+    let out = run(
+        &["bench", "--json", "--reps", "1", "--prefill", "64"],
+        &default_model(),
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("JSON report");
+    let figures = v["figures"].as_array().expect("figures");
+    assert_eq!(figures.len(), 3, "prefill, encode, decode");
+    for f in figures {
+        assert!(f["median_tok_s"].as_f64().unwrap_or(0.0) > 0.0, "{f}");
+    }
+}
+
+#[test]
+fn a_missing_model_file_is_one_clear_line() {
+    let out = run(&["bench"], Path::new("/nonexistent/model.gguf"));
+    assert_one_line_error(&out, "no such file");
+}
+
+#[test]
+fn a_truncated_gguf_is_one_clear_line() {
+    let bytes = std::fs::read(default_model()).expect("model");
+    let (_dir, path) = temp_file("cut.gguf", &bytes[..bytes.len() / 3]);
+    let out = run(&["bench"], &path);
+    assert_one_line_error(&out, "truncated");
+}
+
+#[test]
+fn a_file_that_is_not_gguf_is_one_clear_line() {
+    let (_dir, path) = temp_file("junk.gguf", b"this is not a model at all");
+    let out = run(&["bench"], &path);
+    assert_one_line_error(&out, "not a readable GGUF file");
+}
+
+/// A GGUF v3 header with only `general.architecture` set.
+fn gguf_with_arch(arch: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(b"GGUF");
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes()); // tensors
+    b.extend_from_slice(&1u64.to_le_bytes()); // metadata entries
+    let key = "general.architecture";
+    b.extend_from_slice(&(key.len() as u64).to_le_bytes());
+    b.extend_from_slice(key.as_bytes());
+    b.extend_from_slice(&8u32.to_le_bytes()); // string
+    b.extend_from_slice(&(arch.len() as u64).to_le_bytes());
+    b.extend_from_slice(arch.as_bytes());
+    b
+}
+
+#[test]
+fn an_unsupported_architecture_is_one_clear_line() {
+    let (_dir, path) = temp_file("gemma.gguf", &gguf_with_arch("gemma3"));
+    let out = run(&["bench"], &path);
+    assert_one_line_error(&out, "unsupported architecture 'gemma3'");
+}
+
+#[test]
+fn a_hugging_face_folder_without_tokenizer_is_one_clear_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type":"llama","hidden_size":64,"intermediate_size":96,"num_hidden_layers":2,
+           "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":50}"#,
+    )
+    .expect("write");
+    let out = run(&["bench"], dir.path());
+    assert_one_line_error(&out, "no tokenizer.json");
+}
