@@ -228,7 +228,6 @@ fn ask(
         }
     };
     let answer = engine::ask(&llm, &doc, question, method, &params, &cancel, &mut stream)?;
-    drop(stream);
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&answer)?).ok();
     } else {
