@@ -53,7 +53,7 @@ fn ask_answers_from_the_sample_with_the_real_model() {
     let cut = (6000..text.len())
         .find(|&i| text.is_char_boundary(i))
         .unwrap_or(text.len());
-    let (_dir, file) = temp_file("story.txt", text[..cut].as_bytes());
+    let (_dir, file) = temp_file("story.txt", &text.as_bytes()[..cut]);
     let q = "Who does Sherlock Holmes always call the woman?";
     let args = [
         "ask",
