@@ -6,6 +6,7 @@ use clap::Parser;
 use slm_chat::cli::{self, Args, Exit};
 
 fn main() -> ExitCode {
+    slm_chat::sys::pin_thread_count();
     match cli::run(Args::parse()) {
         Ok(code) => code,
         Err(err) => {

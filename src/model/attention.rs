@@ -22,8 +22,17 @@ struct QueryBlock {
     q1: usize,
     /// First new-token key the block can see (the start of its first row's segment).
     k_lo: usize,
-    /// Additive mask over the last `mask.dim(1)` key columns; `None` when all are visible.
-    mask: Option<Tensor>,
+    /// Additive mask `(q1 - q0, cols)` over the last `cols` key columns; `None` when every
+    /// key is visible.
+    mask: Option<Mask>,
+}
+
+#[derive(Debug)]
+struct Mask {
+    cols: usize,
+    values: Vec<f32>,
+    /// The same values on a GPU, where the composed candle ops run instead of [`Softmax`].
+    tensor: Option<Tensor>,
 }
 
 /// The query blocks and masks of one forward call, shared by all its layers.
@@ -65,7 +74,16 @@ impl AttnPlan {
                         }
                     }
                 }
-                Some(Tensor::from_vec(m, (q1 - q0, cols), device)?)
+                let tensor = if device.is_cpu() {
+                    None
+                } else {
+                    Some(Tensor::from_vec(m.clone(), (q1 - q0, cols), device)?)
+                };
+                Some(Mask {
+                    cols,
+                    values: m,
+                    tensor,
+                })
             };
             blocks.push(QueryBlock { q0, q1, k_lo, mask });
             q0 = q1;
@@ -131,17 +149,35 @@ pub(crate) fn attend(
             group * tq,
             head_dim,
         ))?;
-        let scores = qb.matmul(&k.t()?)?.reshape((n_kv, group, tq, lk))?;
-        if let Some(mask) = &b.mask {
-            let cols = mask.dim(1)?;
-            let tail = scores
-                .narrow(D::Minus1, lk - cols, cols)?
-                .broadcast_add(mask)?;
-            scores.slice_set(&tail, D::Minus1, lk - cols)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((n_kv, group * tq, lk))?;
-        // llama.cpp multiplies f16 probabilities by its f16 values; see `Model::kv_f16`.
-        let probs = if probs_f16 { round_f16(&probs)? } else { probs };
+        let scores = qb.matmul(&k.t()?)?;
+        let probs = if scores.device().is_cpu() {
+            scores.apply_op1_no_bwd(&Softmax {
+                mask: b.mask.as_ref(),
+                rows: tq,
+                round_f16: probs_f16,
+            })?
+        } else {
+            let scores = scores.reshape((n_kv, group, tq, lk))?;
+            if let Some(Mask {
+                cols,
+                tensor: Some(mask),
+                ..
+            }) = &b.mask
+            {
+                let tail = scores
+                    .narrow(D::Minus1, lk - cols, *cols)?
+                    .broadcast_add(mask)?;
+                scores.slice_set(&tail, D::Minus1, lk - cols)?;
+            }
+            let probs =
+                candle_nn::ops::softmax_last_dim(&scores)?.reshape((n_kv, group * tq, lk))?;
+            // llama.cpp multiplies f16 probabilities by its f16 values; see `Model::kv_f16`.
+            if probs_f16 {
+                round_f16(&probs)?
+            } else {
+                probs
+            }
+        };
         let out = probs
             .matmul(&v)?
             .reshape((n_kv, group, tq, head_dim))?
@@ -150,6 +186,67 @@ pub(crate) fn attend(
         outs.push(out);
     }
     Ok(Tensor::cat(&outs, 0)?)
+}
+
+/// Mask, softmax and optional f16 rounding of attention scores in one pass over them (CPU).
+///
+/// Composed from candle ops this is five passes over the largest tensor of a long prefill
+/// (mask, softmax, two dtype casts, a copy back); here it is one, split across threads.
+/// Like llama.cpp, the exponentials are summed in f64 and scaled by the f32 reciprocal.
+struct Softmax<'a> {
+    mask: Option<&'a Mask>,
+    /// Query rows per head: score row `i` belongs to query `i % rows`.
+    rows: usize,
+    round_f16: bool,
+}
+
+impl candle_core::CustomOp1 for Softmax<'_> {
+    fn name(&self) -> &'static str {
+        "slm-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let candle_core::CpuStorage::F32(all) = storage else {
+            candle_core::bail!("attention scores must be f32");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("attention scores must be contiguous");
+        };
+        let x = &all[start..end];
+        let lk = layout.dims().last().copied().unwrap_or(1);
+        let mut out = x.to_vec();
+        out.par_chunks_mut(lk)
+            .enumerate()
+            .with_min_len(32)
+            .for_each(|(i, row)| {
+                if let Some(m) = self.mask {
+                    let t = i % self.rows;
+                    let tail = &mut row[lk - m.cols..];
+                    for (v, add) in tail.iter_mut().zip(&m.values[t * m.cols..(t + 1) * m.cols]) {
+                        *v += add;
+                    }
+                }
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f64;
+                for v in row.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v as f64;
+                }
+                let scale = (1.0 / sum) as f32;
+                for v in row.iter_mut() {
+                    *v *= scale;
+                    if self.round_f16 {
+                        *v = half::f16::from_f32(*v).to_f32();
+                    }
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
 }
 
 /// Keys and values `[0, prior) ++ prior + [k_lo, q1)` of one layer.
@@ -184,7 +281,7 @@ mod tests {
         plan.blocks[i]
             .mask
             .as_ref()
-            .map(|m| m.to_vec2::<f32>().unwrap_or_default())
+            .map(|m| m.values.chunks(m.cols).map(<[f32]>::to_vec).collect())
             .unwrap_or_default()
     }
 

@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 
 use super::config::{Config, HfConfig, RopeScaling, RopeStyle};
 use super::quant::QuantMatrix;
-use super::transformer::{Attention, Block, Linear, Mlp, Model, Weights};
+use super::transformer::{Attention, Block, Fused, Linear, Mlp, Model, Weights};
 use super::{first_line, ModelError, Result};
 
 /// GGUF architectures whose blocks are the LLaMA block.
@@ -107,15 +107,21 @@ fn build(config: Config, device: &Device, src: &mut dyn Source, tied: bool) -> R
     };
     let mut blocks = Vec::with_capacity(c.n_layer);
     for i in 0..c.n_layer {
+        let qkv = vec![
+            linear(src, Weight::Q(i), Some(Weight::QBias(i)), q_out, d)?,
+            linear(src, Weight::K(i), Some(Weight::KBias(i)), kv_out, d)?,
+            linear(src, Weight::V(i), Some(Weight::VBias(i)), kv_out, d)?,
+        ];
         let attn = Attention {
-            q: linear(src, Weight::Q(i), Some(Weight::QBias(i)), q_out, d)?,
-            k: linear(src, Weight::K(i), Some(Weight::KBias(i)), kv_out, d)?,
-            v: linear(src, Weight::V(i), Some(Weight::VBias(i)), kv_out, d)?,
+            qkv: Fused::new(qkv, vec![q_out, kv_out, kv_out])?,
             o: linear(src, Weight::O(i), None, d, q_out)?,
         };
+        let gate_up = vec![
+            linear(src, Weight::Gate(i), None, c.d_ff, d)?,
+            linear(src, Weight::Up(i), None, c.d_ff, d)?,
+        ];
         let mlp = Mlp {
-            gate: linear(src, Weight::Gate(i), None, c.d_ff, d)?,
-            up: linear(src, Weight::Up(i), None, c.d_ff, d)?,
+            gate_up: Fused::new(gate_up, vec![c.d_ff, c.d_ff])?,
             down: linear(src, Weight::Down(i), None, d, c.d_ff)?,
         };
         blocks.push(Block {

@@ -80,6 +80,39 @@ impl QuantMatrix {
         }
     }
 
+    /// The rows of several matrices of one format and width, stacked; `None` otherwise.
+    pub(crate) fn concat(parts: &[&QuantMatrix]) -> Option<Self> {
+        let cols = parts.first()?.cols();
+        if parts.iter().any(|p| p.cols() != cols) {
+            return None;
+        }
+        let rows = parts.iter().map(|p| p.rows()).sum();
+        match parts[0] {
+            Self::Q4_1 { .. } => {
+                let (mut dm, mut qs) = (Vec::new(), Vec::new());
+                for p in parts {
+                    let Self::Q4_1 { dm: d, qs: q, .. } = p else {
+                        return None;
+                    };
+                    dm.extend_from_slice(d);
+                    qs.extend_from_slice(q);
+                }
+                Some(Self::Q4_1 { rows, cols, dm, qs })
+            }
+            Self::Q8_0 { .. } => {
+                let (mut d, mut qs) = (Vec::new(), Vec::new());
+                for p in parts {
+                    let Self::Q8_0 { d: pd, qs: q, .. } = p else {
+                        return None;
+                    };
+                    d.extend_from_slice(pd);
+                    qs.extend_from_slice(q);
+                }
+                Some(Self::Q8_0 { rows, cols, d, qs })
+            }
+        }
+    }
+
     pub(crate) fn rows(&self) -> usize {
         match self {
             Self::Q4_1 { rows, .. } | Self::Q8_0 { rows, .. } => *rows,
@@ -102,54 +135,83 @@ impl QuantMatrix {
 
     /// `x (n, cols)` row-major → `x Wᵀ (n, rows)` row-major.
     pub(crate) fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let kernel = Kernel::detect();
+        self.matmul_with(kernel, x, n)
+    }
+
+    fn matmul_with(&self, kernel: Kernel, x: &[f32], n: usize) -> Vec<f32> {
         let (rows, cols) = (self.rows(), self.cols());
         debug_assert_eq!(x.len(), n * cols);
-        let act = Activations::quantize(x, cols, matches!(self, Self::Q4_1 { .. }));
+        let act = Activations::quantize(kernel, x, cols, matches!(self, Self::Q4_1 { .. }));
         let nb = cols / QK;
-        let simd = Kernel::detect();
         let mut out = vec![0f32; n * rows];
-        // Each task owns a band of weight rows (kept hot in cache) and loops over all
-        // activation rows; bands are written back after, since output rows interleave.
-        const BAND: usize = 16;
-        let bands: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(BAND))
+        if n >= 8 * rayon::current_num_threads() {
+            // Many rows (prefill): each task takes four activation rows across every weight
+            // row; a weight block is unpacked once for four dot products, the matrix stays
+            // in L2, and each task writes its own contiguous output rows.
+            out.par_chunks_mut(4 * rows)
+                .enumerate()
+                .for_each(|(g, chunk)| {
+                    let group = chunk.len() / rows;
+                    let mut vals = [0f32; 4];
+                    for r in 0..rows {
+                        self.dot_rows(kernel, r, nb, &act, g * 4, &mut vals[..group]);
+                        for (i, &v) in vals[..group].iter().enumerate() {
+                            chunk[i * rows + r] = v;
+                        }
+                    }
+                });
+            return out;
+        }
+        // Few rows (decode): split the weight rows into a few large bands, one per task.
+        let band_rows = rows.div_ceil(rayon::current_num_threads() * 2).max(16);
+        let bands: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(band_rows))
             .into_par_iter()
             .map(|band| {
-                let r0 = band * BAND;
-                let r1 = (r0 + BAND).min(rows);
+                let r0 = band * band_rows;
+                let r1 = (r0 + band_rows).min(rows);
                 let mut vals = vec![0f32; (r1 - r0) * n];
-                for r in r0..r1 {
-                    for t in 0..n {
-                        vals[(r - r0) * n + t] = self.dot_row(simd, r, nb, &act, t);
+                let mut t = 0;
+                while t < n {
+                    let group = (n - t).min(4);
+                    for r in r0..r1 {
+                        let out = &mut vals[(r - r0) * n + t..(r - r0) * n + t + group];
+                        self.dot_rows(kernel, r, nb, &act, t, out);
                     }
+                    t += group;
                 }
                 (r0, vals)
             })
             .collect();
         for (r0, vals) in bands {
-            let width = vals.len() / n.max(1);
-            for i in 0..width {
-                for t in 0..n {
-                    out[t * rows + r0 + i] = vals[i * n + t];
+            for (i, row) in vals.chunks_exact(n).enumerate() {
+                for (t, &v) in row.iter().enumerate() {
+                    out[t * rows + r0 + i] = v;
                 }
             }
         }
         out
     }
 
-    fn dot_row(&self, simd: Kernel, r: usize, nb: usize, act: &Activations, t: usize) -> f32 {
-        let a = t * nb..(t + 1) * nb;
+    /// Weight row `r` against activation rows `t .. t + out.len()` (at most 4).
+    fn dot_rows(
+        &self,
+        kernel: Kernel,
+        r: usize,
+        nb: usize,
+        act: &Activations,
+        t: usize,
+        out: &mut [f32],
+    ) {
         let w = r * nb..(r + 1) * nb;
+        let mut rows = [act.row(t, nb); 4];
+        for (i, slot) in rows.iter_mut().enumerate().take(out.len()) {
+            *slot = act.row(t + i, nb);
+        }
+        let rows = &rows[..out.len()];
         match self {
-            Self::Q4_1 { dm, qs, .. } => simd.dot_q4_1(
-                &dm[w.clone()],
-                &qs[w],
-                &act.d[a.clone()],
-                &act.s[a.clone()],
-                &act.qs[a],
-            ),
-            Self::Q8_0 { d, qs, .. } => {
-                simd.dot_q8_0(&d[w.clone()], &qs[w], &act.d[a.clone()], &act.qs[a])
-            }
+            Self::Q4_1 { dm, qs, .. } => kernel.dot_q4_1(&dm[w.clone()], &qs[w], rows, out),
+            Self::Q8_0 { d, qs, .. } => kernel.dot_q8_0(&d[w.clone()], &qs[w], rows, out),
         }
     }
 
@@ -187,84 +249,168 @@ struct Activations {
     qs: Vec<[i8; 32]>,
 }
 
+/// One activation row's blocks.
+#[derive(Clone, Copy)]
+struct ActRow<'a> {
+    d: &'a [f32],
+    s: &'a [f32],
+    qs: &'a [[i8; 32]],
+}
+
 impl Activations {
-    fn quantize(x: &[f32], cols: usize, with_sum: bool) -> Self {
+    fn quantize(kernel: Kernel, x: &[f32], cols: usize, with_sum: bool) -> Self {
         let blocks = x.len() / QK;
-        let mut out = Self {
-            d: Vec::with_capacity(blocks),
-            s: Vec::with_capacity(if with_sum { blocks } else { 0 }),
-            qs: Vec::with_capacity(blocks),
-        };
         debug_assert_eq!(x.len() % cols, 0);
-        for block in x.chunks_exact(QK) {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            let mut q = [0i8; 32];
-            let mut sum = 0i32;
-            for (dst, &v) in q.iter_mut().zip(block) {
-                // _mm256_round_ps(_MM_ROUND_NEAREST) rounds half to even.
-                let r = (v * id).round_ties_even() as i32;
-                *dst = r as i8;
-                sum += r;
-            }
-            out.d.push(f16::from_f32(d).to_f32());
-            if with_sum {
-                out.s.push(f16::from_f32(d * sum as f32).to_f32());
-            }
-            out.qs.push(q);
+        let mut d = vec![0f32; blocks];
+        let mut s = vec![0f32; blocks];
+        let mut qs = vec![[0i8; 32]; blocks];
+        // Rows are independent: quantize them in parallel when there are many.
+        let per_row = cols / QK;
+        d.par_chunks_mut(per_row)
+            .zip(s.par_chunks_mut(per_row))
+            .zip(qs.par_chunks_mut(per_row))
+            .zip(x.par_chunks(cols))
+            .with_min_len(16)
+            .for_each(|(((d, s), q), x)| {
+                for (b, block) in x.chunks_exact(QK).enumerate() {
+                    let (db, sum) = kernel.quantize_block(block, &mut q[b]);
+                    d[b] = f16::from_f32(db).to_f32();
+                    s[b] = f16::from_f32(db * sum as f32).to_f32();
+                }
+            });
+        if !with_sum {
+            s.clear();
         }
-        out
+        Self { d, s, qs }
+    }
+
+    fn row(&self, t: usize, nb: usize) -> ActRow<'_> {
+        let r = t * nb..(t + 1) * nb;
+        ActRow {
+            d: &self.d[r.clone()],
+            s: if self.s.is_empty() {
+                &[]
+            } else {
+                &self.s[r.clone()]
+            },
+            qs: &self.qs[r],
+        }
     }
 }
 
-/// Which dot-product implementation runs.
+/// Call a SIMD kernel with its row count as a constant (1–4), so its inner loop unrolls.
+#[cfg(target_arch = "x86_64")]
+macro_rules! simd_rows {
+    ($m:ident :: $f:ident, $w0:expr, $w1:expr, $a:expr, $out:expr) => {
+        match $a {
+            [r0] => $m::$f::<1>($w0, $w1, &[*r0], $out),
+            [r0, r1] => $m::$f::<2>($w0, $w1, &[*r0, *r1], $out),
+            [r0, r1, r2] => $m::$f::<3>($w0, $w1, &[*r0, *r1, *r2], $out),
+            [r0, r1, r2, r3] => $m::$f::<4>($w0, $w1, &[*r0, *r1, *r2, *r3], $out),
+            _ => unreachable!("1 to 4 activation rows"),
+        }
+    };
+}
+
+/// Which implementation runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kernel {
     Scalar,
+    /// `vpmaddubsw` + `vpmaddwd` for the integer dot products, as ggml on AVX2.
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// `vpdpbusd` (AVX-512 VNNI on 256-bit vectors): the same sums in one instruction.
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
 }
 
 impl Kernel {
     pub(crate) fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                return Self::Vnni;
+            }
             return Self::Avx2;
         }
         Self::Scalar
     }
 
-    fn dot_q4_1(
-        self,
-        dm: &[[f32; 2]],
-        wq: &[[u8; 16]],
-        d: &[f32],
-        s: &[f32],
-        aq: &[[i8; 32]],
-    ) -> f32 {
+    /// Every kernel this CPU can run (the tests compare them).
+    #[cfg(test)]
+    fn available() -> Vec<Self> {
+        let mut all = vec![Self::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if Self::detect() != Self::Scalar {
+                all.push(Self::Avx2);
+            }
+            if Self::detect() == Self::Vnni {
+                all.push(Self::Vnni);
+            }
+        }
+        all
+    }
+
+    /// Quantize 32 values to `q`; returns the unrounded scale and the sum of the quants.
+    fn quantize_block(self, x: &[f32], q: &mut [i8; 32]) -> (f32, i32) {
         match self {
-            Self::Scalar => scalar::dot_q4_1(dm, wq, d, s, aq),
-            // SAFETY: Avx2 is only chosen when the CPU reports AVX2 and FMA.
+            Self::Scalar => scalar::quantize_block(x, q),
+            // SAFETY: the SIMD kernels are only chosen when the CPU reports their features.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { avx2::dot_q4_1(dm, wq, d, s, aq) },
+            Self::Avx2 | Self::Vnni => unsafe { avx2::quantize_block(x, q) },
         }
     }
 
-    fn dot_q8_0(self, wd: &[f32], wq: &[[i8; 32]], d: &[f32], aq: &[[i8; 32]]) -> f32 {
+    fn dot_q4_1(self, dm: &[[f32; 2]], wq: &[[u8; 16]], a: &[ActRow], out: &mut [f32]) {
         match self {
-            Self::Scalar => scalar::dot_q8_0(wd, wq, d, aq),
+            Self::Scalar => {
+                for (o, a) in out.iter_mut().zip(a) {
+                    *o = scalar::dot_q4_1(dm, wq, a);
+                }
+            }
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { avx2::dot_q8_0(wd, wq, d, aq) },
+            Self::Avx2 => unsafe { simd_rows!(avx2::dot_q4_1, dm, wq, a, out) },
+            #[cfg(target_arch = "x86_64")]
+            Self::Vnni => unsafe { simd_rows!(vnni::dot_q4_1, dm, wq, a, out) },
+        }
+    }
+
+    fn dot_q8_0(self, wd: &[f32], wq: &[[i8; 32]], a: &[ActRow], out: &mut [f32]) {
+        match self {
+            Self::Scalar => {
+                for (o, a) in out.iter_mut().zip(a) {
+                    *o = scalar::dot_q8_0(wd, wq, a);
+                }
+            }
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => unsafe { simd_rows!(avx2::dot_q8_0, wd, wq, a, out) },
+            #[cfg(target_arch = "x86_64")]
+            Self::Vnni => unsafe { simd_rows!(vnni::dot_q8_0, wd, wq, a, out) },
         }
     }
 }
 
-/// The AVX2 kernels' arithmetic, lane by lane: 8 lanes of 4 products each, an f32 FMA per
-/// block and lane, then ggml's `hsum_float_8` order.
+/// The SIMD kernels' arithmetic, lane by lane: 8 lanes of 4 products each, an f32 FMA per
+/// block and lane, then ggml's `hsum_float_8` order. Bit-for-bit what they compute.
 mod scalar {
-    use super::QK;
+    use super::{ActRow, QK};
+
+    pub(super) fn quantize_block(x: &[f32], q: &mut [i8; 32]) -> (f32, i32) {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0;
+        for (dst, &v) in q.iter_mut().zip(x) {
+            // _mm256_round_ps(_MM_ROUND_NEAREST) rounds half to even.
+            let r = (v * id).round_ties_even() as i32;
+            *dst = r as i8;
+            sum += r;
+        }
+        (d, sum)
+    }
 
     fn hsum8(acc: [f32; 8]) -> f32 {
         let r: [f32; 4] = std::array::from_fn(|i| acc[i] + acc[i + 4]);
@@ -272,19 +418,13 @@ mod scalar {
         a + b
     }
 
-    pub(super) fn dot_q4_1(
-        dm: &[[f32; 2]],
-        wq: &[[u8; 16]],
-        d: &[f32],
-        s: &[f32],
-        aq: &[[i8; 32]],
-    ) -> f32 {
+    pub(super) fn dot_q4_1(dm: &[[f32; 2]], wq: &[[u8; 16]], a: &ActRow) -> f32 {
         let mut acc = [0f32; 8];
         let mut summs = 0f32;
         for b in 0..dm.len() {
             let [wd, wm] = dm[b];
-            summs += wm * s[b];
-            let d0d1 = wd * d[b];
+            summs += wm * a.s[b];
+            let d0d1 = wd * a.d[b];
             let w: [i32; QK] = std::array::from_fn(|j| {
                 if j < 16 {
                     (wq[b][j] & 0x0F) as i32
@@ -294,7 +434,7 @@ mod scalar {
             });
             for (lane, slot) in acc.iter_mut().enumerate() {
                 let sum: i32 = (0..4)
-                    .map(|k| w[lane * 4 + k] * aq[b][lane * 4 + k] as i32)
+                    .map(|k| w[lane * 4 + k] * a.qs[b][lane * 4 + k] as i32)
                     .sum();
                 *slot = d0d1.mul_add(sum as f32, *slot);
             }
@@ -302,13 +442,13 @@ mod scalar {
         hsum8(acc) + summs
     }
 
-    pub(super) fn dot_q8_0(wd: &[f32], wq: &[[i8; 32]], d: &[f32], aq: &[[i8; 32]]) -> f32 {
+    pub(super) fn dot_q8_0(wd: &[f32], wq: &[[i8; 32]], a: &ActRow) -> f32 {
         let mut acc = [0f32; 8];
         for b in 0..wd.len() {
-            let scale = wd[b] * d[b];
+            let scale = wd[b] * a.d[b];
             for (lane, slot) in acc.iter_mut().enumerate() {
                 let sum: i32 = (0..4)
-                    .map(|k| wq[b][lane * 4 + k] as i32 * aq[b][lane * 4 + k] as i32)
+                    .map(|k| wq[b][lane * 4 + k] as i32 * a.qs[b][lane * 4 + k] as i32)
                     .sum();
                 *slot = scale.mul_add(sum as f32, *slot);
             }
@@ -317,70 +457,166 @@ mod scalar {
     }
 }
 
+/// The dot-product kernels for one x86 feature set; `$lane_sums` turns 32 u8 × i8 products
+/// into 8 i32 lanes of 4 adjacent products each (both variants give identical integers).
+#[cfg(target_arch = "x86_64")]
+macro_rules! dot_kernels {
+    ($features:literal, $lane_sums:ident) => {
+        /// `out[r]` = weight row · activation row `a[r]`, for `R` rows at once.
+        ///
+        /// # Safety
+        /// The CPU must have this module's features; all slices have `dm.len()` blocks.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn dot_q4_1<const R: usize>(
+            dm: &[[f32; 2]],
+            wq: &[[u8; 16]],
+            a: &[ActRow; R],
+            out: &mut [f32],
+        ) {
+            let nb = dm.len();
+            let wq = &wq[..nb];
+            // Slices cut to `nb` up front so the loop below carries no bounds checks.
+            let d: [&[f32]; R] = std::array::from_fn(|r| &a[r].d[..nb]);
+            let s: [&[f32]; R] = std::array::from_fn(|r| &a[r].s[..nb]);
+            let q: [&[[i8; 32]]; R] = std::array::from_fn(|r| &a[r].qs[..nb]);
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut summs = [0f32; R];
+            let low = _mm256_set1_epi8(0x0F);
+            for b in 0..nb {
+                let [wd, wm] = dm[b];
+                let packed = _mm_loadu_si128(wq[b].as_ptr() as *const __m128i);
+                let both = _mm256_insertf128_si256(
+                    _mm256_castsi128_si256(packed),
+                    _mm_srli_epi16(packed, 4),
+                    1,
+                );
+                let w = _mm256_and_si256(both, low);
+                for r in 0..R {
+                    summs[r] += wm * s[r][b];
+                    let d0d1 = _mm256_set1_ps(wd * d[r][b]);
+                    let x = _mm256_loadu_si256(q[r][b].as_ptr() as *const __m256i);
+                    acc[r] = _mm256_fmadd_ps(d0d1, $lane_sums(w, x), acc[r]);
+                }
+            }
+            for r in 0..R {
+                out[r] = hsum8(acc[r]) + summs[r];
+            }
+        }
+
+        /// # Safety
+        /// As [`dot_q4_1`].
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn dot_q8_0<const R: usize>(
+            wd: &[f32],
+            wq: &[[i8; 32]],
+            a: &[ActRow; R],
+            out: &mut [f32],
+        ) {
+            let nb = wd.len();
+            let wq = &wq[..nb];
+            let d: [&[f32]; R] = std::array::from_fn(|r| &a[r].d[..nb]);
+            let q: [&[[i8; 32]]; R] = std::array::from_fn(|r| &a[r].qs[..nb]);
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                let w = _mm256_loadu_si256(wq[b].as_ptr() as *const __m256i);
+                // The u8 × i8 instructions need one unsigned operand: move w's sign onto x.
+                let wabs = _mm256_sign_epi8(w, w);
+                for r in 0..R {
+                    let scale = _mm256_set1_ps(wd[b] * d[r][b]);
+                    let x = _mm256_loadu_si256(q[r][b].as_ptr() as *const __m256i);
+                    let sums = $lane_sums(wabs, _mm256_sign_epi8(x, w));
+                    acc[r] = _mm256_fmadd_ps(scale, sums, acc[r]);
+                }
+            }
+            for r in 0..R {
+                out[r] = hsum8(acc[r]);
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn hsum8(acc: __m256) -> f32 {
+            let r = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
+            let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+            let r = _mm_add_ss(r, _mm_movehdup_ps(r));
+            _mm_cvtss_f32(r)
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::ActRow;
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum8(acc: __m256) -> f32 {
-        let r = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
-        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        let r = _mm_add_ss(r, _mm_movehdup_ps(r));
-        _mm_cvtss_f32(r)
-    }
-
-    /// Sum of 4 adjacent u8 × i8 products in each of 8 i32 lanes, as f32.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn lane_sums_us8(w: __m256i, a: __m256i) -> __m256 {
+    unsafe fn lane_sums(w: __m256i, a: __m256i) -> __m256 {
         let pairs = _mm256_maddubs_epi16(w, a);
         _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
     }
 
+    dot_kernels!("avx2,fma", lane_sums);
+
+    /// ggml's AVX2 `quantize_row_q8_1` for one block.
+    ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA; slices must all have the same block count.
+    /// The CPU must have AVX2; `x` holds 32 values.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_q4_1(
-        dm: &[[f32; 2]],
-        wq: &[[u8; 16]],
-        d: &[f32],
-        s: &[f32],
-        aq: &[[i8; 32]],
-    ) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut summs = 0f32;
-        let low = _mm256_set1_epi8(0x0F);
-        for b in 0..dm.len() {
-            let [wd, wm] = dm[b];
-            summs += wm * s[b];
-            let d0d1 = _mm256_set1_ps(wd * d[b]);
-            let packed = _mm_loadu_si128(wq[b].as_ptr() as *const __m128i);
-            let both = _mm256_insertf128_si256(
-                _mm256_castsi128_si256(packed),
-                _mm_srli_epi16(packed, 4),
-                1,
-            );
-            let w = _mm256_and_si256(both, low);
-            let a = _mm256_loadu_si256(aq[b].as_ptr() as *const __m256i);
-            acc = _mm256_fmadd_ps(d0d1, lane_sums_us8(w, a), acc);
+    pub(super) unsafe fn quantize_block(x: &[f32], q: &mut [i8; 32]) -> (f32, i32) {
+        let p = x.as_ptr();
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let sign = _mm256_set1_ps(-0.0);
+        let mut max = _mm256_andnot_ps(sign, v[0]);
+        for vi in &v[1..] {
+            max = _mm256_max_ps(max, _mm256_andnot_ps(sign, *vi));
         }
-        hsum8(acc) + summs
+        let m4 = _mm_max_ps(_mm256_extractf128_ps(max, 1), _mm256_castps256_ps128(max));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        let amax = _mm_cvtss_f32(m4);
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        let i: [__m256i; 4] = std::array::from_fn(|k| {
+            _mm256_cvtps_epi32(_mm256_round_ps(
+                _mm256_mul_ps(v[k], id),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            ))
+        });
+        let total = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let t4 = _mm_add_epi32(
+            _mm256_extracti128_si256(total, 1),
+            _mm256_castsi256_si128(total),
+        );
+        let t4 = _mm_add_epi32(t4, _mm_unpackhi_epi64(t4, t4));
+        let t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0b01));
+        let sum = _mm_cvtsi128_si32(t4);
+        // Pack 32 i32 → 32 i8; the packs interleave 128-bit lanes, the permute undoes it.
+        let lo = _mm256_packs_epi32(i[0], i[1]);
+        let hi = _mm256_packs_epi32(i[2], i[3]);
+        let bytes = _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(lo, hi),
+            _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+        );
+        _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, bytes);
+        (d, sum)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::ActRow;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    unsafe fn lane_sums(w: __m256i, a: __m256i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a))
     }
 
-    /// # Safety
-    /// As [`dot_q4_1`].
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_q8_0(wd: &[f32], wq: &[[i8; 32]], d: &[f32], aq: &[[i8; 32]]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for b in 0..wd.len() {
-            let scale = _mm256_set1_ps(wd[b] * d[b]);
-            let w = _mm256_loadu_si256(wq[b].as_ptr() as *const __m256i);
-            let a = _mm256_loadu_si256(aq[b].as_ptr() as *const __m256i);
-            // maddubs needs one unsigned operand: move w's sign onto a.
-            let sums = lane_sums_us8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
-            acc = _mm256_fmadd_ps(scale, sums, acc);
-        }
-        hsum8(acc)
-    }
+    dot_kernels!("avx2,fma,avx512vnni,avx512vl", lane_sums);
 }
 
 #[cfg(test)]
@@ -423,17 +659,38 @@ mod tests {
     }
 
     #[test]
-    fn simd_and_scalar_kernels_agree_bit_for_bit() {
+    fn every_kernel_computes_the_same_bits() {
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let (m, _) = quantized(dtype, 7, 96, 2);
-            let x = random(5 * 96, 3);
-            let act = Activations::quantize(&x, 96, dtype == GgmlDType::Q4_1);
-            for r in 0..7 {
-                for t in 0..5 {
-                    let s = m.dot_row(Kernel::Scalar, r, 3, &act, t);
-                    let v = m.dot_row(Kernel::detect(), r, 3, &act, t);
-                    assert_eq!(s.to_bits(), v.to_bits(), "row {r} token {t}");
+            let (m, _) = quantized(dtype, 37, 96, 2);
+            // 7 rows take the few-rows path (a group of four and three); 67 the many-rows
+            // path with a remainder.
+            for n in [7, 67] {
+                let x = random(n * 96, 3);
+                let want = m.matmul_with(Kernel::Scalar, &x, n);
+                for k in Kernel::available() {
+                    let got = m.matmul_with(k, &x, n);
+                    let same = want
+                        .iter()
+                        .zip(&got)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{k:?} differs from scalar for {dtype:?}, {n} rows");
+                    let one = m.matmul_with(k, &x[..96], 1);
+                    assert_eq!(one, want[..37].to_vec(), "{k:?} single row");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_quantization_matches_the_scalar_one() {
+        let x = random(32 * 9, 11);
+        for k in Kernel::available() {
+            for block in x.chunks_exact(32) {
+                let (mut a, mut b) = ([0i8; 32], [0i8; 32]);
+                let sa = Kernel::Scalar.quantize_block(block, &mut a);
+                let sb = k.quantize_block(block, &mut b);
+                assert_eq!((a, sa.1), (b, sb.1), "{k:?}");
+                assert_eq!(sa.0.to_bits(), sb.0.to_bits());
             }
         }
     }
@@ -463,7 +720,7 @@ mod tests {
         x[1] = 2.5;
         x[2] = 3.5;
         x[3] = -2.5;
-        let a = Activations::quantize(&x, 32, true);
+        let a = Activations::quantize(Kernel::Scalar, &x, 32, true);
         assert_eq!(&a.qs[0][..4], &[127, 2, 4, -2]);
         assert_eq!(a.s[0], f16::from_f32(131.0).to_f32());
     }

@@ -74,24 +74,107 @@ impl Linear {
     }
 }
 
+/// Projections of the same input (q, k, v; gate, up), multiplied as one matrix where the
+/// weights allow: the input is quantized once and the threads are woken once, not 3 times.
+#[derive(Debug)]
+pub(crate) struct Fused {
+    /// One fused projection, or the parts as they came when they cannot be joined.
+    parts: Vec<Linear>,
+    /// Output width of each original projection.
+    sizes: Vec<usize>,
+}
+
+impl Fused {
+    pub(crate) fn new(parts: Vec<Linear>, sizes: Vec<usize>) -> Result<Self> {
+        let joined = match parts.iter().map(|l| &l.w).collect::<Vec<_>>().as_slice() {
+            ws if ws.iter().all(|w| matches!(w, Weights::Quant(_))) => {
+                let ms: Vec<&QuantMatrix> = ws
+                    .iter()
+                    .filter_map(|w| match w {
+                        Weights::Quant(m) => Some(m.as_ref()),
+                        _ => None,
+                    })
+                    .collect();
+                QuantMatrix::concat(&ms).map(|m| Weights::Quant(Arc::new(m)))
+            }
+            ws if ws.iter().all(|w| matches!(w, Weights::Dense(_))) => {
+                let ts: Vec<&Tensor> = ws
+                    .iter()
+                    .filter_map(|w| match w {
+                        Weights::Dense(t) => Some(t),
+                        _ => None,
+                    })
+                    .collect();
+                Some(Weights::Dense(Tensor::cat(&ts, 0)?))
+            }
+            _ => None,
+        };
+        let Some(w) = joined else {
+            return Ok(Self { parts, sizes });
+        };
+        let b = if parts.iter().any(|l| l.b.is_some()) {
+            let bs = parts
+                .iter()
+                .zip(&sizes)
+                .map(|(l, &n)| match &l.b {
+                    Some(b) => Ok(b.clone()),
+                    None => Ok(Tensor::zeros(n, DType::F32, w_device(&w))?),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&bs, 0)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            parts: vec![Linear::new(w, b)],
+            sizes,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        if self.parts.len() == self.sizes.len() && self.parts.len() > 1 {
+            return self.parts.iter().map(|l| l.forward(x)).collect();
+        }
+        let y = self.parts[0].forward(x)?;
+        let mut at = 0;
+        let mut out = Vec::with_capacity(self.sizes.len());
+        for &n in &self.sizes {
+            out.push(y.narrow(1, at, n)?);
+            at += n;
+        }
+        Ok(out)
+    }
+
+    fn bytes(&self) -> usize {
+        self.parts.iter().map(Linear::bytes).sum()
+    }
+}
+
+fn w_device(w: &Weights) -> &Device {
+    match w {
+        Weights::Dense(t) => t.device(),
+        _ => &Device::Cpu,
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Attention {
-    pub(crate) q: Linear,
-    pub(crate) k: Linear,
-    pub(crate) v: Linear,
+    /// q, k, v.
+    pub(crate) qkv: Fused,
     pub(crate) o: Linear,
 }
 
 #[derive(Debug)]
 pub(crate) struct Mlp {
-    pub(crate) gate: Linear,
-    pub(crate) up: Linear,
+    /// gate, up.
+    pub(crate) gate_up: Fused,
     pub(crate) down: Linear,
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?;
+        let gu = self.gate_up.forward(x)?;
+        let h = (gu[0].silu()? * &gu[1])?;
         self.down.forward(&h)
     }
 }
@@ -232,6 +315,17 @@ impl Model {
     /// The new tokens attend to everything `cache` holds for each layer, then their rotated
     /// keys and values are appended to it.
     pub fn forward(&self, x: &Tensor, f: &Forward, cache: &mut KvCache) -> Result<ForwardOutput> {
+        // One thread pool for everything: candle's gemm, our kernels and rayon would
+        // otherwise each keep threads spinning on the same two cores.
+        candle_core::utils::with_threadpool(|| self.forward_in_pool(x, f, cache))
+    }
+
+    fn forward_in_pool(
+        &self,
+        x: &Tensor,
+        f: &Forward,
+        cache: &mut KvCache,
+    ) -> Result<ForwardOutput> {
         let c = &self.config;
         let n = x.dim(0)?;
         if f.positions.len() != n {
@@ -298,10 +392,9 @@ impl Model {
         let c = &self.config;
         let a = &self.blocks[layer].attn;
         let n = h.dim(0)?;
-        let q = a.q.forward(h)?;
-        let k = a.k.forward(h)?;
-        let v = a.v.forward(h)?;
-        let q = self.kv_round(rope.apply(&heads_first(&q, c.n_head, c.head_dim)?)?)?;
+        let qkv = a.qkv.forward(h)?;
+        let (q, k, v) = (&qkv[0], qkv[1].contiguous()?, qkv[2].contiguous()?);
+        let q = self.kv_round(rope.apply(&heads_first(q, c.n_head, c.head_dim)?)?)?;
         let k_rot = self.kv_round(rope.apply(&heads_first(&k, c.n_kv_head, c.head_dim)?)?)?;
         let v_heads = self.kv_round(heads_first(&v, c.n_kv_head, c.head_dim)?)?;
         let prior = cache.layer_len(layer);
@@ -321,8 +414,10 @@ impl Model {
 
     /// Logits `(n, vocab)` for hidden states `(n, d_model)` from the last layer.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let h = rms_norm(hidden, &self.norm, self.config.rms_eps as f32)?;
-        self.head.forward(&h)
+        candle_core::utils::with_threadpool(|| {
+            let h = rms_norm(hidden, &self.norm, self.config.rms_eps as f32)?;
+            self.head.forward(&h)
+        })
     }
 
     /// Put context entries into layer `layer` of `cache`: keys `k` (before RoPE) and values
@@ -372,10 +467,10 @@ impl Model {
                 let (a, m) = (&b.attn, &b.mlp);
                 size(&b.attn_norm)
                     + size(&b.ffn_norm)
-                    + [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
-                        .iter()
-                        .map(|l| l.bytes())
-                        .sum::<usize>()
+                    + a.qkv.bytes()
+                    + a.o.bytes()
+                    + m.gate_up.bytes()
+                    + m.down.bytes()
             })
             .sum();
         let head = if self.tied_dense {
