@@ -153,9 +153,10 @@ impl QuantMatrix {
                 .enumerate()
                 .for_each(|(g, chunk)| {
                     let group = chunk.len() / rows;
+                    let a = act.rows(g * 4, group, nb);
                     let mut vals = [0f32; 4];
                     for r in 0..rows {
-                        self.dot_rows(kernel, r, nb, &act, g * 4, &mut vals[..group]);
+                        self.dot_rows(kernel, r, nb, &a[..group], &mut vals[..group]);
                         for (i, &v) in vals[..group].iter().enumerate() {
                             chunk[i * rows + r] = v;
                         }
@@ -174,9 +175,10 @@ impl QuantMatrix {
                 let mut t = 0;
                 while t < n {
                     let group = (n - t).min(4);
+                    let a = act.rows(t, group, nb);
                     for r in r0..r1 {
                         let out = &mut vals[(r - r0) * n + t..(r - r0) * n + t + group];
-                        self.dot_rows(kernel, r, nb, &act, t, out);
+                        self.dot_rows(kernel, r, nb, &a[..group], out);
                     }
                     t += group;
                 }
@@ -193,22 +195,9 @@ impl QuantMatrix {
         out
     }
 
-    /// Weight row `r` against activation rows `t .. t + out.len()` (at most 4).
-    fn dot_rows(
-        &self,
-        kernel: Kernel,
-        r: usize,
-        nb: usize,
-        act: &Activations,
-        t: usize,
-        out: &mut [f32],
-    ) {
+    /// Weight row `r` against activation rows `rows` (at most 4).
+    fn dot_rows(&self, kernel: Kernel, r: usize, nb: usize, rows: &[ActRow], out: &mut [f32]) {
         let w = r * nb..(r + 1) * nb;
-        let mut rows = [act.row(t, nb); 4];
-        for (i, slot) in rows.iter_mut().enumerate().take(out.len()) {
-            *slot = act.row(t + i, nb);
-        }
-        let rows = &rows[..out.len()];
         match self {
             Self::Q4_1 { dm, qs, .. } => kernel.dot_q4_1(&dm[w.clone()], &qs[w], rows, out),
             Self::Q8_0 { d, qs, .. } => kernel.dot_q8_0(&d[w.clone()], &qs[w], rows, out),
@@ -282,6 +271,11 @@ impl Activations {
             s.clear();
         }
         Self { d, s, qs }
+    }
+
+    /// Rows `t .. t + n` (n ≤ 4; the rest of the array repeats row `t`).
+    fn rows(&self, t: usize, n: usize, nb: usize) -> [ActRow<'_>; 4] {
+        std::array::from_fn(|i| self.row(if i < n { t + i } else { t }, nb))
     }
 
     fn row(&self, t: usize, nb: usize) -> ActRow<'_> {
@@ -474,17 +468,14 @@ macro_rules! dot_kernels {
             out: &mut [f32],
         ) {
             let nb = dm.len();
-            let wq = &wq[..nb];
-            // Slices cut to `nb` up front so the loop below carries no bounds checks.
-            let d: [&[f32]; R] = std::array::from_fn(|r| &a[r].d[..nb]);
-            let s: [&[f32]; R] = std::array::from_fn(|r| &a[r].s[..nb]);
-            let q: [&[[i8; 32]]; R] = std::array::from_fn(|r| &a[r].qs[..nb]);
+            debug_assert!(wq.len() == nb && a.iter().all(|r| r.d.len() == nb && r.s.len() == nb));
             let mut acc = [_mm256_setzero_ps(); R];
             let mut summs = [0f32; R];
             let low = _mm256_set1_epi8(0x0F);
             for b in 0..nb {
-                let [wd, wm] = dm[b];
-                let packed = _mm_loadu_si128(wq[b].as_ptr() as *const __m128i);
+                // SAFETY (indexing): every slice holds `nb` blocks (the caller's contract).
+                let [wd, wm] = *dm.get_unchecked(b);
+                let packed = _mm_loadu_si128(wq.get_unchecked(b).as_ptr() as *const __m128i);
                 let both = _mm256_insertf128_si256(
                     _mm256_castsi128_si256(packed),
                     _mm_srli_epi16(packed, 4),
@@ -492,9 +483,10 @@ macro_rules! dot_kernels {
                 );
                 let w = _mm256_and_si256(both, low);
                 for r in 0..R {
-                    summs[r] += wm * s[r][b];
-                    let d0d1 = _mm256_set1_ps(wd * d[r][b]);
-                    let x = _mm256_loadu_si256(q[r][b].as_ptr() as *const __m256i);
+                    let ar = a.get_unchecked(r);
+                    summs[r] += wm * *ar.s.get_unchecked(b);
+                    let d0d1 = _mm256_set1_ps(wd * *ar.d.get_unchecked(b));
+                    let x = _mm256_loadu_si256(ar.qs.get_unchecked(b).as_ptr() as *const __m256i);
                     acc[r] = _mm256_fmadd_ps(d0d1, $lane_sums(w, x), acc[r]);
                 }
             }
@@ -513,17 +505,18 @@ macro_rules! dot_kernels {
             out: &mut [f32],
         ) {
             let nb = wd.len();
-            let wq = &wq[..nb];
-            let d: [&[f32]; R] = std::array::from_fn(|r| &a[r].d[..nb]);
-            let q: [&[[i8; 32]]; R] = std::array::from_fn(|r| &a[r].qs[..nb]);
+            debug_assert!(wq.len() == nb && a.iter().all(|r| r.d.len() == nb));
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..nb {
-                let w = _mm256_loadu_si256(wq[b].as_ptr() as *const __m256i);
+                // SAFETY (indexing): every slice holds `nb` blocks (the caller's contract).
+                let w = _mm256_loadu_si256(wq.get_unchecked(b).as_ptr() as *const __m256i);
                 // The u8 × i8 instructions need one unsigned operand: move w's sign onto x.
                 let wabs = _mm256_sign_epi8(w, w);
+                let wdb = *wd.get_unchecked(b);
                 for r in 0..R {
-                    let scale = _mm256_set1_ps(wd[b] * d[r][b]);
-                    let x = _mm256_loadu_si256(q[r][b].as_ptr() as *const __m256i);
+                    let ar = a.get_unchecked(r);
+                    let scale = _mm256_set1_ps(wdb * *ar.d.get_unchecked(b));
+                    let x = _mm256_loadu_si256(ar.qs.get_unchecked(b).as_ptr() as *const __m256i);
                     let sums = $lane_sums(wabs, _mm256_sign_epi8(x, w));
                     acc[r] = _mm256_fmadd_ps(scale, sums, acc[r]);
                 }
