@@ -151,11 +151,14 @@ pub(crate) fn attend(
         ))?;
         let scores = qb.matmul(&k.t()?)?;
         let probs = if scores.device().is_cpu() {
-            scores.apply_op1_no_bwd(&Softmax {
+            // The scores are this block's own fresh tensor: turn them into probabilities in
+            // place rather than allocating another block × keys buffer.
+            scores.inplace_op1(&Softmax {
                 mask: b.mask.as_ref(),
                 rows: tq,
                 round_f16: probs_f16,
-            })?
+            })?;
+            scores
         } else {
             let scores = scores.reshape((n_kv, group, tq, lk))?;
             if let Some(Mask {
@@ -200,16 +203,16 @@ struct Softmax<'a> {
     round_f16: bool,
 }
 
-impl candle_core::CustomOp1 for Softmax<'_> {
+impl candle_core::InplaceOp1 for Softmax<'_> {
     fn name(&self) -> &'static str {
         "slm-masked-softmax"
     }
 
     fn cpu_fwd(
         &self,
-        storage: &candle_core::CpuStorage,
+        storage: &mut candle_core::CpuStorage,
         layout: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    ) -> candle_core::Result<()> {
         use rayon::prelude::*;
         let candle_core::CpuStorage::F32(all) = storage else {
             candle_core::bail!("attention scores must be f32");
@@ -217,10 +220,9 @@ impl candle_core::CustomOp1 for Softmax<'_> {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("attention scores must be contiguous");
         };
-        let x = &all[start..end];
         let lk = layout.dims().last().copied().unwrap_or(1);
-        let mut out = x.to_vec();
-        out.par_chunks_mut(lk)
+        all[start..end]
+            .par_chunks_mut(lk)
             .enumerate()
             .with_min_len(32)
             .for_each(|(i, row)| {
@@ -231,22 +233,91 @@ impl candle_core::CustomOp1 for Softmax<'_> {
                         *v += add;
                     }
                 }
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f64;
-                for v in row.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v as f64;
-                }
-                let scale = (1.0 / sum) as f32;
-                for v in row.iter_mut() {
-                    *v *= scale;
-                    if self.round_f16 {
-                        *v = half::f16::from_f32(*v).to_f32();
-                    }
-                }
+                softmax_row(row, self.round_f16);
             });
-        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+        Ok(())
     }
+}
+
+/// Softmax of one row in place; the largest value is found 8 lanes at a time (a plain
+/// `fold(f32::max)` does not vectorize).
+fn softmax_row(row: &mut [f32], round_f16: bool) {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    // Eight running sums, not one: a single f64 accumulator is a serial chain of additions
+    // that costs more than the exponentials.
+    let mut sums = [0f64; 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for (s, v) in sums.iter_mut().zip(c.iter_mut()) {
+            *v = (*v - max).exp();
+            *s += *v as f64;
+        }
+    }
+    for v in chunks.into_remainder() {
+        *v = (*v - max).exp();
+        sums[0] += *v as f64;
+    }
+    let scale = (1.0 / sums.iter().sum::<f64>()) as f32;
+    for v in row.iter_mut() {
+        *v *= scale;
+    }
+    if round_f16 {
+        round_f16_slice(row);
+    }
+}
+
+/// Round every value to the nearest f16 and back, 8 at a time with F16C where the CPU has it.
+fn round_f16_slice(v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("f16c") {
+        // SAFETY: F16C was just detected.
+        #[allow(unsafe_code)]
+        unsafe {
+            round_f16_f16c(v)
+        };
+        return;
+    }
+    for x in v {
+        *x = half::f16::from_f32(*x).to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn round_f16_f16c(v: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut chunks = v.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let x = _mm256_loadu_ps(c.as_ptr());
+        let h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
+        _mm256_storeu_ps(c.as_mut_ptr(), _mm256_cvtph_ps(h));
+    }
+    for x in chunks.into_remainder() {
+        *x = half::f16::from_f32(*x).to_f32();
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn f16_rounding_matches_the_half_crate() {
+    let mut v: Vec<f32> = (0..37)
+        .map(|i| (i as f32 * 0.37).sin() * 1e-3 + i as f32 * 0.01)
+        .collect();
+    let want: Vec<f32> = v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
+    round_f16_slice(&mut v);
+    assert_eq!(v, want);
 }
 
 /// Keys and values `[0, prior) ++ prior + [k_lo, q1)` of one layer.
