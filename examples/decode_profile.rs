@@ -8,7 +8,8 @@ fn main() {
         .encode(slm_chat::bench::SAMPLE_TEXT, false)
         .unwrap();
     let mut cache = llm.model.new_cache();
-    let mut logits = llm.model.prefill(&toks[..512], &mut cache).unwrap();
+    let n: usize = std::env::args().nth(2).map_or(512, |s| s.parse().unwrap());
+    let mut logits = llm.model.prefill(&toks[..n], &mut cache).unwrap();
     let t = std::time::Instant::now();
     for _ in 0..200 {
         let next = argmax(&logits.to_vec1::<f32>().unwrap());

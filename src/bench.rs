@@ -15,7 +15,7 @@ const ENCODE_CHUNK: usize = 512;
 const ENCODE_PREFIX: usize = 32;
 const ENCODE_CHUNKS: usize = 4;
 const DECODE_PROMPT: usize = 512;
-const DECODE_TOKENS: usize = 64;
+const DECODE_TOKENS: usize = 128;
 
 /// What to measure.
 #[derive(Debug, Clone)]

