@@ -116,28 +116,39 @@ fn next_token_logits_match_llama_cpp() {
 /// that are a coin toss for any implementation that is not bit-for-bit llama.cpp.
 const DECISION_GAP: f32 = 0.3;
 
+/// Run `p`'s prompt, then 32 steps: `step(i, our logits)` says which token to feed next.
+fn walk(llm: &Llm, p: &Prompt, mut step: impl FnMut(usize, &[f32]) -> u32) {
+    let mut cache = llm.model.new_cache();
+    let mut logits = llm
+        .model
+        .prefill(&p.prompt_token_ids, &mut cache)
+        .expect("prefill");
+    for i in 0..p.greedy_32_token_ids.len() {
+        let next = step(i, &logits.to_vec1::<f32>().expect("logits"));
+        logits = llm.model.prefill(&[next], &mut cache).expect("decode");
+    }
+}
+
 #[test]
 fn greedy_decisions_match_llama_cpp_wherever_they_are_clear() {
     let llm = llm();
     let (mut clear, mut close_flips) = (0, 0);
     for p in reference().prompts {
-        let mut cache = llm.model.new_cache();
-        let mut logits = llm
-            .model
-            .prefill(&p.prompt_token_ids, &mut cache)
-            .expect("prefill");
-        let steps = std::iter::once(&p.top5_next).chain(&p.top5_after_each_generated_token);
-        for (step, (top5, &next)) in steps.zip(&p.greedy_32_token_ids).enumerate() {
-            let ours = argmax(&logits.to_vec1::<f32>().expect("logits"));
-            let gap = top5[0].1 - top5[1].1;
+        let top5: Vec<&Vec<(u32, f32)>> = std::iter::once(&p.top5_next)
+            .chain(&p.top5_after_each_generated_token)
+            .collect();
+        walk(llm, &p, |i, logits| {
+            let (ours, want) = (argmax(logits), top5[i][0].0);
+            let gap = top5[i][0].1 - top5[i][1].1;
             if gap > DECISION_GAP {
                 clear += 1;
-                assert_eq!(ours, top5[0].0, "'{}' step {step}: gap {gap:.3}", p.name);
-            } else if ours != top5[0].0 {
+                assert_eq!(ours, want, "'{}' step {i}: gap {gap:.3}", p.name);
+            } else if ours != want {
                 close_flips += 1;
             }
-            logits = llm.model.prefill(&[next], &mut cache).expect("decode");
-        }
+            // Teacher-forced: always continue along llama.cpp's own tokens.
+            p.greedy_32_token_ids[i]
+        });
     }
     eprintln!(
         "{clear} clear decisions all equal; {close_flips} near-ties (gap ≤ {DECISION_GAP}) differ"
@@ -159,18 +170,12 @@ fn greedy_continuations_match_llama_cpp_for_the_prompts_without_near_ties() {
     let llm = llm();
     let mut same = Vec::new();
     for p in reference().prompts {
-        let mut cache = llm.model.new_cache();
-        let mut logits = llm
-            .model
-            .prefill(&p.prompt_token_ids, &mut cache)
-            .expect("prefill");
         let mut got = Vec::new();
-        // The reference keeps decoding past EOS, so this loop does too.
-        for _ in 0..p.greedy_32_token_ids.len() {
-            let next = argmax(&logits.to_vec1::<f32>().expect("logits"));
-            got.push(next);
-            logits = llm.model.prefill(&[next], &mut cache).expect("decode");
-        }
+        // The reference keeps decoding past EOS, so this walk does too.
+        walk(llm, &p, |_, logits| {
+            got.push(argmax(logits));
+            got[got.len() - 1]
+        });
         let agree = got
             .iter()
             .zip(&p.greedy_32_token_ids)
