@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{user_config_path, Config};
 use crate::document::{self, LoadOptions, PdfWorkerArgs};
-use crate::engine::{self, Method};
+use crate::engine::{self, AskSettings, Method};
 use crate::model::{self, DeviceChoice, Llm, SamplingParams};
 use crate::{bench, sys};
 
@@ -42,7 +42,7 @@ enum Command {
         file: PathBuf,
         question: String,
         /// How the document reaches the model.
-        #[arg(long, value_enum, default_value_t = Method::Truncate)]
+        #[arg(long, value_enum, default_value_t = Method::Rag)]
         method: Method,
         /// Print one JSON object (answer, figures) instead of streaming text.
         #[arg(long)]
@@ -227,11 +227,31 @@ fn ask(
             let _ = out.flush();
         }
     };
-    let answer = engine::ask(&llm, &doc, question, method, &params, &cancel, &mut stream)?;
+    let settings = AskSettings {
+        method,
+        chunk_tokens: config.rag.chunk_tokens,
+        rag_tokens: config.rag.max_tokens,
+    };
+    let answer = engine::ask(
+        &llm,
+        &doc,
+        question,
+        &settings,
+        &params,
+        &cancel,
+        &mut stream,
+    )?;
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&answer)?).ok();
     } else {
         writeln!(out).ok();
+        out.flush().ok();
+        for src in &answer.sources {
+            eprintln!(
+                "slm-chat: source: chunk {} · pages {}–{} · score {:.1} · {}",
+                src.chunk, src.first_page, src.last_page, src.score, src.preview
+            );
+        }
         eprintln!(
             "slm-chat: {} · {} of {} document tokens seen · first token {:.0} ms · prefill {:.0} tok/s · decode {:.1} tok/s · peak RSS {}",
             answer.stop,

@@ -18,7 +18,26 @@ const ENV_PREFIX: &str = "SLM_CHAT_";
 pub struct Config {
     pub model: ModelSettings,
     pub generate: GenerateSettings,
+    pub rag: RagSettings,
     pub paths: PathSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RagSettings {
+    /// Tokens per chunk (cut at a sentence end within ±10 %).
+    pub chunk_tokens: usize,
+    /// Most document tokens `--method rag` puts in the prompt.
+    pub max_tokens: usize,
+}
+
+impl Default for RagSettings {
+    fn default() -> Self {
+        Self {
+            chunk_tokens: 256,
+            max_tokens: 1536,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

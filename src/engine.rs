@@ -2,8 +2,9 @@
 //! answer, measure it.
 //!
 //! The methods here are the ones that need no context tree: `truncate` (start and end of the
-//! document, the middle cut, full attention) and `full` (the whole document, only when it
-//! fits the window). They are also the baselines the tree is measured against.
+//! document, the middle cut, full attention), `full` (the whole document, only when it fits
+//! the window) and `rag` (the BM25-best chunks as text). They are also the baselines the tree
+//! is measured against.
 
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -12,8 +13,9 @@ use serde::Serialize;
 
 use crate::document::Document;
 use crate::model::{
-    generate, GenerationStats, Llm, Message, ModelError, SamplingParams, StopReason,
+    generate, Encoded, GenerationStats, Llm, Message, ModelError, SamplingParams, StopReason,
 };
+use crate::tree::{chunk, Bm25};
 
 /// What the model is told about its job. Short: a 135M model follows short instructions best.
 pub const SYSTEM_PROMPT: &str = "You answer questions about a document. Use only the document. \
@@ -34,6 +36,30 @@ pub enum Method {
     Truncate,
     /// The whole document; an error when it does not fit the model's window.
     Full,
+    /// The chunks that best match the question (BM25), in document order, as text.
+    Rag,
+}
+
+/// How `ask` builds its prompt, beyond the method.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AskSettings {
+    pub method: Method,
+    /// Tokens per chunk for `rag`.
+    pub chunk_tokens: usize,
+    /// Most document tokens `rag` puts in the prompt.
+    pub rag_tokens: usize,
+}
+
+/// A part of the document the answer was given from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Source {
+    pub chunk: usize,
+    pub first_page: u32,
+    pub last_page: u32,
+    pub score: f64,
+    pub tokens: usize,
+    /// The passage's first words, on one line.
+    pub preview: String,
 }
 
 /// What went wrong answering.
@@ -63,6 +89,8 @@ pub struct Answer {
     pub document_tokens: usize,
     /// Document tokens the model actually saw.
     pub kept_tokens: usize,
+    /// For `rag`: the passages used, best first.
+    pub sources: Vec<Source>,
     pub prompt_tokens: usize,
     pub timings: Timings,
     pub memory: Memory,
@@ -112,7 +140,7 @@ pub fn ask(
     llm: &Llm,
     doc: &Document,
     question: &str,
-    method: Method,
+    settings: &AskSettings,
     params: &SamplingParams,
     cancel: &AtomicBool,
     on_text: &mut dyn FnMut(&str),
@@ -121,11 +149,20 @@ pub fn ask(
     if question.trim().is_empty() {
         return Err(EngineError::EmptyQuestion);
     }
+    let method = settings.method;
     let parts = prompt_parts(llm, question.trim())?;
-    let doc_tokens = llm.tokenizer.encode(&doc.text, false)?;
+    let enc = llm.tokenizer.encode_with_offsets(&doc.text)?;
+    let doc_tokens = &enc.ids;
     let window = llm.model.config().context_length;
     let room = window.saturating_sub(parts.prefix.len() + parts.suffix.len() + params.max_tokens);
+    let mut sources = Vec::new();
     let (kept, seen) = match method {
+        Method::Rag => {
+            let (kept, chosen) = rag_passages(llm, doc, &enc, question, settings, room)?;
+            let seen = chosen.iter().map(|s| s.tokens).sum();
+            sources = chosen;
+            (kept, seen)
+        }
         _ if doc_tokens.len() <= room => (doc_tokens.clone(), doc_tokens.len()),
         Method::Full => {
             return Err(EngineError::TooLong {
@@ -165,6 +202,7 @@ pub fn ask(
         stop: gen.stop,
         document_tokens: doc_tokens.len(),
         kept_tokens: seen,
+        sources,
         prompt_tokens: prompt.len(),
         timings: timings(&gen.stats, start),
         memory: Memory {
@@ -173,6 +211,68 @@ pub fn ask(
             peak_rss_bytes: crate::sys::peak_rss_bytes(),
         },
     })
+}
+
+/// The best BM25 chunks for `question` that fit `min(room, rag_tokens)`, as prompt tokens in
+/// document order (separated by a cut mark), and the sources best first.
+fn rag_passages(
+    llm: &Llm,
+    doc: &Document,
+    enc: &Encoded,
+    question: &str,
+    settings: &AskSettings,
+    room: usize,
+) -> Result<(Vec<u32>, Vec<Source>), EngineError> {
+    let chunks = chunk(doc, enc, settings.chunk_tokens);
+    let index = Bm25::new(chunks.iter().map(|c| &doc.text[c.text.clone()]));
+    let scores = index.scores(question);
+    let mut order: Vec<usize> = (0..chunks.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let mark = llm.tokenizer.encode(CUT_MARK, false)?;
+    let budget = room.min(settings.rag_tokens);
+    let mut used = 0;
+    let mut chosen = Vec::new();
+    // Chunks sharing no word with the question say nothing about it: leave them out.
+    for i in order.into_iter().filter(|&i| scores[i] > 0.0) {
+        let cost = chunks[i].tokens.len() + mark.len();
+        if used + cost > budget {
+            continue;
+        }
+        used += cost;
+        chosen.push(i);
+    }
+    let sources = chosen
+        .iter()
+        .map(|&i| {
+            let c = &chunks[i];
+            Source {
+                chunk: i,
+                first_page: *c.pages.start(),
+                last_page: *c.pages.end(),
+                score: scores[i],
+                tokens: c.tokens.len(),
+                preview: preview(&doc.text[c.text.clone()]),
+            }
+        })
+        .collect();
+    chosen.sort_unstable();
+    let mut kept = Vec::with_capacity(used);
+    for (n, &i) in chosen.iter().enumerate() {
+        if n > 0 {
+            kept.extend_from_slice(&mark);
+        }
+        kept.extend_from_slice(&enc.ids[chunks[i].tokens.clone()]);
+    }
+    Ok((kept, sources))
+}
+
+/// The first words of a passage on one line.
+fn preview(text: &str) -> String {
+    let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match flat.char_indices().nth(80) {
+        Some((at, _)) => format!("{}…", &flat[..at]),
+        None => flat,
+    }
 }
 
 fn timings(s: &GenerationStats, start: Instant) -> Timings {

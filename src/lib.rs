@@ -12,3 +12,4 @@ pub mod document;
 pub mod engine;
 pub mod model;
 pub mod sys;
+pub mod tree;

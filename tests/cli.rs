@@ -41,7 +41,7 @@ fn assert_one_line_error(out: &Out, needle: &str) {
 }
 
 #[test]
-fn ask_answers_from_the_sample_with_the_real_model() {
+fn truncate_answers_from_a_short_document_with_the_real_model() {
     let out = run(&["ask", "--json", "--max-tokens", "24"], &default_model());
     // clap wants FILE and QUESTION; make sure usage errors are one clear message too.
     assert_eq!(out.code, 2);
@@ -62,6 +62,8 @@ fn ask_answers_from_the_sample_with_the_real_model() {
         "--json",
         "--max-tokens",
         "24",
+        "--method",
+        "truncate",
     ];
     let out = run(&args, &default_model());
     assert_eq!(out.code, 0, "{}", out.stderr);
@@ -72,6 +74,40 @@ fn ask_answers_from_the_sample_with_the_real_model() {
     assert_eq!(kept, doc, "a short document is seen whole");
     assert!(v["timings"]["decode_tok_s"].as_f64().unwrap_or(0.0) > 0.0);
     assert!(v["memory"]["kv_bytes"].as_u64().unwrap_or(0) > 0);
+}
+
+#[test]
+fn rag_answers_from_the_best_passages_and_names_their_pages() {
+    let file = sample();
+    let q = "How much did the Red-Headed League pay per week?";
+    let out = run(
+        &[
+            "ask",
+            file.to_str().expect("utf-8"),
+            q,
+            "--json",
+            "--max-tokens",
+            "24",
+        ],
+        &default_model(),
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("one JSON object");
+    let answer = v["answer"].as_str().unwrap_or("").to_lowercase();
+    assert!(
+        answer.contains("4 pounds") || answer.contains("four pounds"),
+        "{answer}"
+    );
+    let sources = v["sources"].as_array().expect("sources");
+    assert!(!sources.is_empty());
+    assert!(
+        v["kept_tokens"].as_u64() <= Some(1536),
+        "within the rag budget"
+    );
+    for s in sources {
+        assert!(s["first_page"].as_u64().unwrap_or(0) >= 1);
+        assert!(s["score"].as_f64().unwrap_or(0.0) > 0.0);
+    }
 }
 
 #[test]

@@ -33,7 +33,7 @@ pub use generate::{
 };
 pub use kv::KvCache;
 pub use load::from_tensors;
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{Encoded, Tokenizer};
 pub use transformer::{Forward, ForwardOutput, LayerKv, Model};
 
 /// What went wrong in the model layer, in words for the user.

@@ -27,6 +27,13 @@ const END_OF_TURN: &[&str] = &[
     "</s>",
 ];
 
+/// Token ids with the byte range of the source text each one covers.
+#[derive(Debug, Clone, Default)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub offsets: Vec<(usize, usize)>,
+}
+
 /// A tokenizer plus what the model needs to know about its special tokens.
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
@@ -117,6 +124,15 @@ impl Tokenizer {
         };
         let enc = tk.encode_fast(text, false).map_err(tk_err)?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of plain `text`, each with the byte range of `text` it came from.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<Encoded> {
+        let enc = self.plain.encode(text, false).map_err(tk_err)?;
+        Ok(Encoded {
+            ids: enc.get_ids().to_vec(),
+            offsets: enc.get_offsets().to_vec(),
+        })
     }
 
     /// Text of `ids`, special tokens included.

@@ -1,0 +1,111 @@
+//! BM25 over chunks (Robertson & Zaragoza 2009, k1 = 1.2, b = 0.75): the lexical scorer for
+//! `rag`, and one of the tree's node scorers.
+
+use std::collections::HashMap;
+
+const K1: f64 = 1.2;
+const B: f64 = 0.75;
+
+/// Words too common to say anything about a passage.
+const STOPWORDS: &[&str] = &[
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "did", "do", "does", "for", "from",
+    "had", "has", "have", "he", "her", "his", "how", "i", "in", "is", "it", "its", "of", "on",
+    "or", "she", "that", "the", "their", "them", "they", "this", "to", "was", "were", "what",
+    "when", "where", "which", "who", "whom", "why", "with", "you",
+];
+
+/// Lowercased words of `text`, stopwords dropped.
+pub fn terms(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .filter(|w| !STOPWORDS.contains(&w.as_str()))
+}
+
+/// Term statistics of a set of passages.
+#[derive(Debug, Clone)]
+pub struct Bm25 {
+    /// Per passage: term → count.
+    counts: Vec<HashMap<String, u32>>,
+    lengths: Vec<usize>,
+    /// Term → number of passages containing it.
+    df: HashMap<String, u32>,
+    avg_len: f64,
+}
+
+impl Bm25 {
+    pub fn new<'a>(passages: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut counts = Vec::new();
+        let mut lengths = Vec::new();
+        let mut df: HashMap<String, u32> = HashMap::new();
+        for p in passages {
+            let mut c: HashMap<String, u32> = HashMap::new();
+            let mut len = 0;
+            for t in terms(p) {
+                *c.entry(t).or_default() += 1;
+                len += 1;
+            }
+            for t in c.keys() {
+                *df.entry(t.clone()).or_default() += 1;
+            }
+            counts.push(c);
+            lengths.push(len);
+        }
+        let avg_len = lengths.iter().sum::<usize>() as f64 / lengths.len().max(1) as f64;
+        Self {
+            counts,
+            lengths,
+            df,
+            avg_len,
+        }
+    }
+
+    /// The BM25 score of every passage for `query`, in passage order.
+    pub fn scores(&self, query: &str) -> Vec<f64> {
+        let n = self.counts.len() as f64;
+        let mut q: Vec<String> = terms(query).collect();
+        q.sort();
+        q.dedup();
+        self.counts
+            .iter()
+            .zip(&self.lengths)
+            .map(|(c, &len)| {
+                q.iter()
+                    .map(|t| {
+                        let tf = *c.get(t).unwrap_or(&0) as f64;
+                        if tf == 0.0 {
+                            return 0.0;
+                        }
+                        let df = *self.df.get(t).unwrap_or(&0) as f64;
+                        let idf = ((n - df + 0.5) / (df + 0.5) + 1.0).ln();
+                        let norm = K1 * (1.0 - B + B * len as f64 / self.avg_len.max(1.0));
+                        idf * tf * (K1 + 1.0) / (tf + norm)
+                    })
+                    .sum()
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_passage_with_the_rare_query_word_wins() {
+        let idx = Bm25::new([
+            "The King of Bohemia came to Baker Street.",
+            "Holmes smoked his pipe and said nothing.",
+            "The photograph was hidden behind a sliding panel.",
+        ]);
+        let s = idx.scores("Where was the photograph hidden?");
+        assert!(s[2] > s[0] && s[2] > s[1], "{s:?}");
+        assert_eq!(s[1], 0.0);
+    }
+
+    #[test]
+    fn stopwords_and_case_do_not_count() {
+        let t: Vec<String> = terms("What IS the Passphrase?").collect();
+        assert_eq!(t, vec!["passphrase"]);
+    }
+}
