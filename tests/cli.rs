@@ -197,3 +197,27 @@ fn a_hugging_face_folder_without_tokenizer_is_one_clear_line() {
     let out = run(&["bench"], dir.path());
     assert_one_line_error(&out, "no tokenizer.json");
 }
+
+#[test]
+fn first_run_fetches_the_default_model_into_an_empty_cache() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(exe())
+        .args(["models", "--fetch"])
+        .env("SLM_CHAT_PATHS_CACHE_DIR", dir.path())
+        .output()
+        .expect("run slm-chat");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("downloading the default model"), "{stderr}");
+    let path = dir
+        .path()
+        .join("models")
+        .join(slm_chat::model::DEFAULT_MODEL_FILE);
+    let sha = slm_chat::model::sha256_file(&path).expect("installed");
+    assert_eq!(sha, slm_chat::model::DEFAULT_MODEL_SHA256);
+    // No temporary files are left beside it.
+    let entries = std::fs::read_dir(dir.path().join("models"))
+        .expect("dir")
+        .count();
+    assert_eq!(entries, 1);
+}
