@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::model::{argmax, Forward, Llm, ModelError};
 
-/// Text the bench tokenizes: the bundled sample (real prose, ~31K tokens).
+/// Text the bench tokenizes: the bundled sample (real prose, about 35K tokens).
 pub const SAMPLE_TEXT: &str = include_str!("../assets/sherlock_holmes_adventures_1-3.txt");
 
 /// Chunk size and sink prefix length of the encode figure (the context tree's defaults).
@@ -35,6 +35,7 @@ pub struct Figure {
     pub runs: Vec<f64>,
 }
 
+/// Everything one `bench` run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub model: String,
@@ -46,11 +47,10 @@ pub struct BenchReport {
     pub peak_rss_bytes: Option<u64>,
 }
 
-fn figure(name: String, tokens: usize, mut runs: Vec<f64>) -> Figure {
+fn figure(name: String, tokens: usize, runs: Vec<f64>) -> Figure {
     let mut sorted = runs.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
-    runs.shrink_to_fit();
     Figure {
         name,
         tokens,

@@ -105,16 +105,28 @@ pub struct Exit {
 
 /// Run the command line; errors carry the text to print and the exit code.
 pub fn run(args: Args) -> Result<ExitCode> {
-    if let Command::PdfWorker(worker) = &args.command {
-        return Ok(document::run_pdf_worker(worker));
+    match &args.command {
+        Command::PdfWorker(worker) => return Ok(document::run_pdf_worker(worker)),
+        // Where the settings file goes must be answerable even when that file is broken.
+        Command::Config {
+            what: ConfigCommand::Path,
+        } => {
+            println!("{}", user_config_path().display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
     }
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(m) = &args.model {
-        config.model.path = m.display().to_string();
+        config.model.path = m
+            .to_str()
+            .ok_or_else(|| anyhow::anyhow!("--model {}: the path is not valid UTF-8", m.display()))?
+            .to_string();
     }
     if let Some(d) = args.device {
         config.model.device = d;
     }
+    config.validate()?;
     match args.command {
         Command::Ask {
             file,
@@ -130,6 +142,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             if let Some(t) = temperature {
                 config.generate.temperature = t;
             }
+            config.validate()?;
             ask(&config, &file, &question, method, json)
         }
         Command::Extract { file, json } => extract(&file, json),

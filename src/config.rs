@@ -22,6 +22,7 @@ pub struct Config {
     pub paths: PathSettings,
 }
 
+/// `[rag]`: the BM25 passages method.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RagSettings {
@@ -40,11 +41,13 @@ impl Default for RagSettings {
     }
 }
 
+/// `[model]`: which model, on which device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSettings {
     /// A GGUF file or Hugging Face folder; empty means the default model.
     pub path: String,
+    /// Where to run.
     pub device: DeviceChoice,
 }
 
@@ -57,12 +60,17 @@ impl Default for ModelSettings {
     }
 }
 
+/// `[generate]`: how answers are sampled.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GenerateSettings {
+    /// Most tokens in one answer.
     pub max_tokens: usize,
+    /// 0 = greedy.
     pub temperature: f64,
+    /// Nucleus sampling cut-off, used when temperature > 0.
     pub top_p: f64,
+    /// Sampling seed, so answers can be reproduced.
     pub seed: u64,
 }
 
@@ -77,6 +85,7 @@ impl Default for GenerateSettings {
     }
 }
 
+/// `[paths]`: where things are kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct PathSettings {
@@ -91,6 +100,8 @@ pub enum ConfigError {
     File { path: PathBuf, reason: String },
     #[error("environment variable {name}: {reason}")]
     Env { name: String, reason: String },
+    #[error("setting {name} (--{flag} or config.toml): {reason}", flag = name.rsplit('.').next().unwrap_or(name).replace('_', "-"))]
+    Invalid { name: String, reason: String },
 }
 
 fn dirs() -> Option<directories::ProjectDirs> {
@@ -127,11 +138,39 @@ impl Config {
             merge(&mut value, file_value);
             Config::deserialize(value.clone()).map_err(|e| err(e.message().to_string()))?;
         }
-        apply_env(&mut value, std::env::vars())?;
+        let set = apply_env(&mut value, std::env::vars())?;
         Config::deserialize(value).map_err(|e| ConfigError::Env {
-            name: format!("{ENV_PREFIX}*"),
+            name: if set.is_empty() {
+                format!("{ENV_PREFIX}*")
+            } else {
+                set.join(", ")
+            },
             reason: e.message().to_string(),
         })
+    }
+
+    /// Reject values that cannot work, naming the setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |name: &str, reason: &str| {
+            Err(ConfigError::Invalid {
+                name: name.into(),
+                reason: reason.into(),
+            })
+        };
+        let g = &self.generate;
+        if !(g.temperature.is_finite() && g.temperature >= 0.0) {
+            return bad("generate.temperature", "must be a number ≥ 0");
+        }
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
+            return bad("generate.top_p", "must be in (0, 1]");
+        }
+        if self.rag.chunk_tokens < 16 {
+            return bad("rag.chunk_tokens", "must be at least 16");
+        }
+        if self.rag.max_tokens < self.rag.chunk_tokens {
+            return bad("rag.max_tokens", "must be at least rag.chunk_tokens");
+        }
+        Ok(())
     }
 
     /// The cache root: models and trees.
@@ -144,6 +183,7 @@ impl Config {
             .unwrap_or_else(|| std::env::temp_dir().join("slm-chat"))
     }
 
+    /// Where models are cached.
     pub fn models_dir(&self) -> PathBuf {
         self.cache_dir().join("models")
     }
@@ -170,13 +210,15 @@ fn merge(base: &mut toml::Value, over: toml::Value) {
     }
 }
 
-/// Apply `SLM_CHAT_SECTION_KEY=value` pairs to the known keys of `value`.
+/// Apply `SLM_CHAT_SECTION_KEY=value` pairs to the known keys of `value`; returns the names
+/// of the variables applied.
 fn apply_env(
     value: &mut toml::Value,
     vars: impl Iterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+) -> Result<Vec<String>, ConfigError> {
+    let mut applied = Vec::new();
     let toml::Value::Table(root) = value else {
-        return Ok(());
+        return Ok(applied);
     };
     for (name, raw) in vars {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
@@ -206,8 +248,9 @@ fn apply_env(
                 reason: "no such setting (see `slm-chat config show`)".into(),
             });
         }
+        applied.push(name);
     }
-    Ok(())
+    Ok(applied)
 }
 
 fn parse_like(slot: &toml::Value, raw: &str) -> Option<toml::Value> {

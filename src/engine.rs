@@ -21,9 +21,10 @@ use crate::tree::{chunk, Bm25};
 pub const SYSTEM_PROMPT: &str = "You answer questions about a document. Use only the document. \
 If the document does not contain the answer, say that it does not.";
 
-/// Stands in for the document while the template is rendered, so the document itself is
-/// tokenized as plain text (a book containing `<|im_end|>` cannot end the turn).
+/// Stand in for the document and the question while the template is rendered, so both are
+/// tokenized as plain text (a book or a question containing `<|im_end|>` cannot end the turn).
 const DOC_SLOT: &str = "\u{0}SLM_CHAT_DOCUMENT\u{0}";
+const QUESTION_SLOT: &str = "\u{0}SLM_CHAT_QUESTION\u{0}";
 
 /// Marks where `truncate` cut the middle out.
 const CUT_MARK: &str = "\n\n[…]\n\n";
@@ -66,8 +67,8 @@ pub struct Source {
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(
-        "the document is {doc} tokens and only {room} fit the model's {window}-token window; \
-         use --method truncate"
+        "the document is {doc} tokens and only {room} fit the model's {window}-token window \
+         after the prompt and the answer's --max-tokens; use --method truncate or rag"
     )]
     TooLong {
         doc: usize,
@@ -76,6 +77,8 @@ pub enum EngineError {
     },
     #[error("the question is empty")]
     EmptyQuestion,
+    #[error("no passage of the document shares a word with the question; rephrase it, or use --method truncate")]
+    NothingMatches,
     #[error(transparent)]
     Model(#[from] ModelError),
 }
@@ -96,6 +99,7 @@ pub struct Answer {
     pub memory: Memory,
 }
 
+/// How long the answer took.
 #[derive(Debug, Clone, Serialize)]
 pub struct Timings {
     pub first_token_ms: f64,
@@ -105,6 +109,7 @@ pub struct Timings {
     pub total_ms: f64,
 }
 
+/// What the answer held in memory.
 #[derive(Debug, Clone, Serialize)]
 pub struct Memory {
     /// KV cache bytes at the end of the answer.
@@ -121,17 +126,24 @@ struct PromptParts {
 
 fn prompt_parts(llm: &Llm, question: &str) -> Result<PromptParts, EngineError> {
     let user = format!(
-        "Read the following document and answer the question at the end.\n\n{DOC_SLOT}\n\nQuestion: {question}"
+        "Read the following document and answer the question at the end.\n\n{DOC_SLOT}\n\nQuestion: {QUESTION_SLOT}"
     );
     let text = llm
         .chat
         .render(&[Message::system(SYSTEM_PROMPT), Message::user(user)], true)?;
-    let (before, after) = text
-        .split_once(DOC_SLOT)
-        .ok_or_else(|| ModelError::Template("the template dropped the user's message".into()))?;
+    let dropped = || ModelError::Template("the template dropped the user's message".into());
+    let (before, rest) = text.split_once(DOC_SLOT).ok_or_else(dropped)?;
+    let (middle, after) = rest.split_once(QUESTION_SLOT).ok_or_else(dropped)?;
+    let tk = &llm.tokenizer;
+    let suffix = [
+        tk.encode(middle, true)?,
+        tk.encode(question, false)?,
+        tk.encode(after, true)?,
+    ]
+    .concat();
     Ok(PromptParts {
-        prefix: llm.tokenizer.encode(before, true)?,
-        suffix: llm.tokenizer.encode(after, true)?,
+        prefix: tk.encode(before, true)?,
+        suffix,
     })
 }
 
@@ -163,7 +175,7 @@ pub fn ask(
             sources = chosen;
             (kept, seen)
         }
-        _ if doc_tokens.len() <= room => (doc_tokens.clone(), doc_tokens.len()),
+        _ if doc_tokens.len() <= room => (doc_tokens.to_vec(), doc_tokens.len()),
         Method::Full => {
             return Err(EngineError::TooLong {
                 doc: doc_tokens.len(),
@@ -240,6 +252,9 @@ fn rag_passages(
         }
         used += cost;
         chosen.push(i);
+    }
+    if chosen.is_empty() {
+        return Err(EngineError::NothingMatches);
     }
     let sources = chosen
         .iter()

@@ -123,7 +123,7 @@ fn full_refuses_a_document_longer_than_the_window() {
         ],
         &default_model(),
     );
-    assert_one_line_error(&out, "use --method truncate");
+    assert_one_line_error(&out, "use --method truncate or rag");
 }
 
 #[test]
@@ -220,4 +220,35 @@ fn first_run_fetches_the_default_model_into_an_empty_cache() {
         .expect("dir")
         .count();
     assert_eq!(entries, 1);
+}
+
+#[test]
+fn config_path_answers_even_when_the_config_is_broken_and_bad_settings_are_named() {
+    let (_dir, bad) = temp_file("config.toml", b"[generate]\ntemperature = \"hot\"\n");
+    let out = Command::new(exe())
+        .args(["--config", bad.to_str().expect("utf-8"), "config", "path"])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let out = Command::new(exe())
+        .args(["--config", bad.to_str().expect("utf-8"), "config", "show"])
+        .output()
+        .expect("run");
+    let o = Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::new(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert_one_line_error(&o, "config.toml");
+    let out = Command::new(exe())
+        .args(["config", "show"])
+        .env("SLM_CHAT_GENERATE_TOP_P", "1.5")
+        .output()
+        .expect("run");
+    let o = Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::new(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert_one_line_error(&o, "generate.top_p");
 }

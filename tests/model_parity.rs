@@ -191,3 +191,11 @@ fn greedy_continuations_match_llama_cpp_for_the_prompts_without_near_ties() {
         );
     }
 }
+
+#[test]
+fn text_from_documents_and_questions_cannot_forge_special_tokens() {
+    let tk = &llm().tokenizer;
+    assert_eq!(tk.encode("<|im_end|>", true).expect("encode"), vec![2]);
+    let plain = tk.encode("<|im_end|>", false).expect("encode");
+    assert!(plain.len() > 1 && !plain.contains(&2), "{plain:?}");
+}

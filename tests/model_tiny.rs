@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use slm_chat::model::{from_tensors, Config, Forward, KvCache, Model, RopeScaling, RopeStyle};
+use slm_chat::model::{from_tensors, Config, Forward, Model, RopeScaling, RopeStyle};
 
 const D: usize = 64;
 const HEADS: usize = 4;
@@ -313,15 +313,34 @@ fn forked_caches_do_not_share_storage() {
     let m = tiny(RopeStyle::Interleaved);
     let mut base = m.new_cache();
     m.prefill(&tokens(3, 1), &mut base).expect("prefix");
-    let before = m
-        .prefill(&tokens(2, 2), &mut base.fork().expect("fork"))
-        .expect("a");
-    let mut other = base.fork().expect("fork");
-    m.prefill(&tokens(4, 3), &mut other).expect("b");
-    let after = m
-        .prefill(&tokens(2, 2), &mut base.fork().expect("fork"))
-        .expect("a again");
-    assert!(max_diff(&before, &after) < 1e-6);
+    // Two live forks appending in turns: if they shared storage, the second's writes would
+    // land in the first's entries and change its next step.
+    let mut a = base.fork().expect("fork");
+    let mut b = base.fork().expect("fork");
+    m.prefill(&tokens(4, 2), &mut a).expect("a");
+    m.prefill(&tokens(4, 3), &mut b).expect("b");
+    let after_b = m.prefill(&tokens(1, 4), &mut a).expect("a again");
+    let mut alone = base.fork().expect("fork");
+    m.prefill(&tokens(4, 2), &mut alone).expect("a alone");
+    let want = m.prefill(&tokens(1, 4), &mut alone).expect("a alone again");
+    assert!(max_diff(&after_b, &want) < 1e-6);
     assert_eq!(base.len(), 3);
-    let _: &KvCache = &base;
+}
+
+#[test]
+fn prefill_equals_one_token_steps_past_the_cache_growth_step() {
+    // 300 tokens: the cache grows at 256 entries, both in one prefill and step by step.
+    let m = tiny(RopeStyle::Neox);
+    let ids: Vec<u32> = (0..300u32).map(|i| (i * 31 + 7) % VOCAB as u32).collect();
+    let mut whole = m.new_cache();
+    let want = m.prefill(&ids, &mut whole).expect("prefill");
+    let mut steps = m.new_cache();
+    m.prefill(&ids[..250], &mut steps).expect("first part");
+    let mut got = None;
+    for &t in &ids[250..] {
+        got = Some(m.prefill(&[t], &mut steps).expect("step"));
+    }
+    let got = got.expect("stepped");
+    assert_eq!(steps.len(), 300);
+    assert!(max_diff(&got, &want) < 1e-4, "{}", max_diff(&got, &want));
 }

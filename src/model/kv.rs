@@ -40,6 +40,20 @@ impl KvCache {
         }
     }
 
+    /// Layers this cache has room for.
+    pub fn n_layer(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Make room for `total` entries per layer now, so a generation that will reach that
+    /// length never regrows (and copies) the cache mid-answer.
+    pub fn reserve(&mut self, total: usize) -> Result<()> {
+        for layer in 0..self.layers.len() {
+            self.grow(layer, total)?;
+        }
+        Ok(())
+    }
+
     /// Entries held by layer `layer`.
     pub fn layer_len(&self, layer: usize) -> usize {
         self.lens[layer]
@@ -50,6 +64,7 @@ impl KvCache {
         self.lens.first().copied().unwrap_or(0)
     }
 
+    /// No entries yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -91,6 +106,18 @@ impl KvCache {
         let n = k.dim(1)?;
         let len = self.lens[layer];
         let need = len + n;
+        self.grow(layer, need)?;
+        if let Some(l) = &self.layers[layer] {
+            l.k.slice_set(&k.contiguous()?, 1, len)?;
+            l.v.slice_set(&v.contiguous()?, 1, len)?;
+        }
+        self.lens[layer] = need;
+        Ok(())
+    }
+
+    /// Ensure layer `layer` can hold `need` entries (doubling, in steps of `GROW`).
+    fn grow(&mut self, layer: usize, need: usize) -> Result<()> {
+        let len = self.lens[layer];
         let capacity = self.layers[layer]
             .as_ref()
             .map(|l| l.k.dim(1))
@@ -109,11 +136,6 @@ impl KvCache {
             }
             self.layers[layer] = Some(LayerKv { k: nk, v: nv });
         }
-        if let Some(l) = &self.layers[layer] {
-            l.k.slice_set(&k.contiguous()?, 1, len)?;
-            l.v.slice_set(&v.contiguous()?, 1, len)?;
-        }
-        self.lens[layer] = need;
         Ok(())
     }
 

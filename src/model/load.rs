@@ -105,7 +105,9 @@ fn build(config: Config, device: &Device, src: &mut dyn Source, tied: bool) -> R
         };
         Ok::<_, ModelError>(Linear::new(src.get_linear(w, &[out, inp])?, bias))
     };
-    let mut blocks = Vec::with_capacity(c.n_layer);
+    // No capacity hint: `n_layer` comes from the file, and a damaged count must fail on its
+    // first missing tensor, not abort on a huge allocation.
+    let mut blocks = Vec::new();
     for i in 0..c.n_layer {
         let qkv = vec![
             linear(src, Weight::Q(i), Some(Weight::QBias(i)), q_out, d)?,

@@ -57,10 +57,24 @@ pub enum ModelError {
     Fetch(String),
     #[error("device: {0}")]
     Device(String),
+    // No `#[from]`: a source would be printed again after the message, and candle's carries
+    // a backtrace; the user gets one line.
     #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("tensor operation failed: {}", first_line(.0))]
-    Candle(#[from] candle_core::Error),
+    Io(String),
+    #[error("tensor operation failed: {0}")]
+    Candle(String),
+}
+
+impl From<std::io::Error> for ModelError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e.to_string())
+    }
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Candle(first_line(&e))
+    }
 }
 
 /// The first line of an error: candle appends a backtrace when RUST_BACKTRACE is set, and

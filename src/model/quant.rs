@@ -5,10 +5,11 @@
 //! from llama.cpp's to change greedy answers. This kernel does what ggml does on x86:
 //! activations are quantized per block of 32 (Q8_1 against Q4_1 weights, Q8_0 against Q8_0),
 //! blocks are multiplied in integers, and the per-block scales are applied in f32 in the same
-//! order. So answers match llama.cpp's, and decode reads 4.5 bits per weight instead of 32.
+//! order. So answers stay next to llama.cpp's, and decode reads Q4_1's 5 bits per weight
+//! (6 in memory, with the scales widened to f32) instead of 32.
 //!
-//! An AVX2 path is chosen at run time; the scalar path computes the identical lane sums in
-//! the identical order, and the tests compare the two.
+//! AVX2 and AVX-512 VNNI paths are chosen at run time; the scalar path computes the identical
+//! lane sums in the identical order, and the tests compare them bit for bit.
 #![allow(unsafe_code)]
 
 use half::f16;
@@ -141,7 +142,12 @@ impl QuantMatrix {
 
     fn matmul_with(&self, kernel: Kernel, x: &[f32], n: usize) -> Vec<f32> {
         let (rows, cols) = (self.rows(), self.cols());
-        debug_assert_eq!(x.len(), n * cols);
+        // The SIMD kernels index blocks unchecked: every slice they get is cut from these
+        // buffers with checked slicing, and this is what makes those cuts line up.
+        assert_eq!(x.len(), n * cols, "activations must be n × cols");
+        if n == 0 {
+            return Vec::new();
+        }
         let act = Activations::quantize(kernel, x, cols, matches!(self, Self::Q4_1 { .. }));
         let nb = cols / QK;
         let mut out = vec![0f32; n * rows];
@@ -262,12 +268,14 @@ impl Activations {
             .with_min_len(16)
             .for_each(|(((d, s), q), x)| {
                 for (b, block) in x.chunks_exact(QK).enumerate() {
+                    let block: &[f32; QK] = block.try_into().expect("chunks of 32");
                     let (db, sum) = kernel.quantize_block(block, &mut q[b]);
                     d[b] = f16::from_f32(db).to_f32();
                     s[b] = f16::from_f32(db * sum as f32).to_f32();
                 }
             });
         if !with_sum {
+            // Q8_0 has no sum term; an empty `s` also tells the kernels not to read it.
             s.clear();
         }
         Self { d, s, qs }
@@ -347,23 +355,33 @@ impl Kernel {
     }
 
     /// Quantize 32 values to `q`; returns the unrounded scale and the sum of the quants.
-    fn quantize_block(self, x: &[f32], q: &mut [i8; 32]) -> (f32, i32) {
+    fn quantize_block(self, x: &[f32; 32], q: &mut [i8; 32]) -> (f32, i32) {
         match self {
             Self::Scalar => scalar::quantize_block(x, q),
-            // SAFETY: the SIMD kernels are only chosen when the CPU reports their features.
+            // SAFETY: the SIMD kernels are only chosen when the CPU reports their features;
+            // the block's length is in its type.
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 | Self::Vnni => unsafe { avx2::quantize_block(x, q) },
         }
     }
 
+    /// `dm`, `wq` and every row of `a` must hold the same number of blocks (checked: the SIMD
+    /// kernels rely on it).
     fn dot_q4_1(self, dm: &[[f32; 2]], wq: &[[u8; 16]], a: &[ActRow], out: &mut [f32]) {
+        let nb = dm.len();
+        assert!(
+            wq.len() == nb
+                && out.len() == a.len()
+                && a.iter()
+                    .all(|r| r.d.len() == nb && r.s.len() == nb && r.qs.len() == nb)
+        );
         match self {
             Self::Scalar => {
                 for (o, a) in out.iter_mut().zip(a) {
                     *o = scalar::dot_q4_1(dm, wq, a);
                 }
             }
-            // SAFETY: as above.
+            // SAFETY: CPU features as above; block counts checked by the assert.
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 => unsafe { simd_rows!(avx2::dot_q4_1, dm, wq, a, out) },
             #[cfg(target_arch = "x86_64")]
@@ -371,14 +389,21 @@ impl Kernel {
         }
     }
 
+    /// As [`Kernel::dot_q4_1`], without the sum term.
     fn dot_q8_0(self, wd: &[f32], wq: &[[i8; 32]], a: &[ActRow], out: &mut [f32]) {
+        let nb = wd.len();
+        assert!(
+            wq.len() == nb
+                && out.len() == a.len()
+                && a.iter().all(|r| r.d.len() == nb && r.qs.len() == nb)
+        );
         match self {
             Self::Scalar => {
                 for (o, a) in out.iter_mut().zip(a) {
                     *o = scalar::dot_q8_0(wd, wq, a);
                 }
             }
-            // SAFETY: as above.
+            // SAFETY: CPU features as above; block counts checked by the assert.
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 => unsafe { simd_rows!(avx2::dot_q8_0, wd, wq, a, out) },
             #[cfg(target_arch = "x86_64")]
@@ -392,7 +417,7 @@ impl Kernel {
 mod scalar {
     use super::{ActRow, QK};
 
-    pub(super) fn quantize_block(x: &[f32], q: &mut [i8; 32]) -> (f32, i32) {
+    pub(super) fn quantize_block(x: &[f32; 32], q: &mut [i8; 32]) -> (f32, i32) {
         let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
@@ -473,7 +498,7 @@ macro_rules! dot_kernels {
             let mut summs = [0f32; R];
             let low = _mm256_set1_epi8(0x0F);
             for b in 0..nb {
-                // SAFETY (indexing): every slice holds `nb` blocks (the caller's contract).
+                // SAFETY (indexing): every slice holds `nb` blocks (asserted by the caller).
                 let [wd, wm] = *dm.get_unchecked(b);
                 let packed = _mm_loadu_si128(wq.get_unchecked(b).as_ptr() as *const __m128i);
                 let both = _mm256_insertf128_si256(
@@ -508,7 +533,7 @@ macro_rules! dot_kernels {
             debug_assert!(wq.len() == nb && a.iter().all(|r| r.d.len() == nb));
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..nb {
-                // SAFETY (indexing): every slice holds `nb` blocks (the caller's contract).
+                // SAFETY (indexing): every slice holds `nb` blocks (asserted by the caller).
                 let w = _mm256_loadu_si256(wq.get_unchecked(b).as_ptr() as *const __m256i);
                 // The u8 × i8 instructions need one unsigned operand: move w's sign onto x.
                 let wabs = _mm256_sign_epi8(w, w);
@@ -552,9 +577,9 @@ mod avx2 {
     /// ggml's AVX2 `quantize_row_q8_1` for one block.
     ///
     /// # Safety
-    /// The CPU must have AVX2; `x` holds 32 values.
+    /// The CPU must have AVX2.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn quantize_block(x: &[f32], q: &mut [i8; 32]) -> (f32, i32) {
+    pub(super) unsafe fn quantize_block(x: &[f32; 32], q: &mut [i8; 32]) -> (f32, i32) {
         let p = x.as_ptr();
         let v = [
             _mm256_loadu_ps(p),
@@ -655,9 +680,9 @@ mod tests {
     fn every_kernel_computes_the_same_bits() {
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let (m, _) = quantized(dtype, 37, 96, 2);
-            // 7 rows take the few-rows path (a group of four and three); 67 the many-rows
-            // path with a remainder.
-            for n in [7, 67] {
+            // 7 rows take the few-rows path (a group of four and three); the second count the
+            // many-rows path (it starts at 8 rows per thread) with a remainder of three.
+            for n in [7, 8 * rayon::current_num_threads() + 3] {
                 let x = random(n * 96, 3);
                 let want = m.matmul_with(Kernel::Scalar, &x, n);
                 for k in Kernel::available() {
@@ -679,6 +704,7 @@ mod tests {
         let x = random(32 * 9, 11);
         for k in Kernel::available() {
             for block in x.chunks_exact(32) {
+                let block: &[f32; 32] = block.try_into().expect("32");
                 let (mut a, mut b) = ([0i8; 32], [0i8; 32]);
                 let sa = Kernel::Scalar.quantize_block(block, &mut a);
                 let sb = k.quantize_block(block, &mut b);
@@ -713,8 +739,10 @@ mod tests {
         x[1] = 2.5;
         x[2] = 3.5;
         x[3] = -2.5;
-        let a = Activations::quantize(Kernel::Scalar, &x, 32, true);
-        assert_eq!(&a.qs[0][..4], &[127, 2, 4, -2]);
-        assert_eq!(a.s[0], f16::from_f32(131.0).to_f32());
+        for k in Kernel::available() {
+            let a = Activations::quantize(k, &x, 32, true);
+            assert_eq!(&a.qs[0][..4], &[127, 2, 4, -2], "{k:?}");
+            assert_eq!(a.s[0], f16::from_f32(131.0).to_f32());
+        }
     }
 }

@@ -31,6 +31,7 @@ const END_OF_TURN: &[&str] = &[
 #[derive(Debug, Clone, Default)]
 pub struct Encoded {
     pub ids: Vec<u32>,
+    /// Per token, `(start, end)` bytes of the source text.
     pub offsets: Vec<(usize, usize)>,
 }
 
@@ -145,16 +146,14 @@ impl Tokenizer {
         &self.stop
     }
 
+    /// The model's beginning-of-sequence token text, for chat templates.
     pub fn bos_token(&self) -> Option<&str> {
         self.bos.as_deref()
     }
 
+    /// The model's end-of-sequence token text, for chat templates.
     pub fn eos_token(&self) -> Option<&str> {
         self.eos.as_deref()
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        self.special.get_vocab_size(true)
     }
 }
 

@@ -150,10 +150,11 @@ impl Fused {
     }
 }
 
+/// Where a joined weight lives: only dense and CPU-quantized weights are ever joined.
 fn w_device(w: &Weights) -> &Device {
     match w {
         Weights::Dense(t) => t.device(),
-        _ => &Device::Cpu,
+        Weights::Quant(_) | Weights::Candle(_) => &Device::Cpu,
     }
 }
 
@@ -276,10 +277,12 @@ impl Model {
         }
     }
 
+    /// The network's shape.
     pub fn config(&self) -> &Config {
         &self.config
     }
 
+    /// Where the weights live.
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -315,8 +318,8 @@ impl Model {
     /// The new tokens attend to everything `cache` holds for each layer, then their rotated
     /// keys and values are appended to it.
     pub fn forward(&self, x: &Tensor, f: &Forward, cache: &mut KvCache) -> Result<ForwardOutput> {
-        // One thread pool for everything: candle's gemm, our kernels and rayon would
-        // otherwise each keep threads spinning on the same two cores.
+        // One thread pool for everything: candle's gemm, our kernels and rayon's global pool
+        // would otherwise each keep threads spinning on the same cores.
         candle_core::utils::with_threadpool(|| self.forward_in_pool(x, f, cache))
     }
 
@@ -328,6 +331,9 @@ impl Model {
     ) -> Result<ForwardOutput> {
         let c = &self.config;
         let n = x.dim(0)?;
+        if n == 0 {
+            return Err(ModelError::Input("nothing to run: no tokens".into()));
+        }
         if f.positions.len() != n {
             return Err(ModelError::Input(format!(
                 "{} positions for {n} tokens",
@@ -393,7 +399,7 @@ impl Model {
         let a = &self.blocks[layer].attn;
         let n = h.dim(0)?;
         let qkv = a.qkv.forward(h)?;
-        let (q, k, v) = (&qkv[0], qkv[1].contiguous()?, qkv[2].contiguous()?);
+        let (q, k, v) = (&qkv[0], qkv[1].clone(), qkv[2].clone());
         let q = self.kv_round(rope.apply(&heads_first(q, c.n_head, c.head_dim)?)?)?;
         let k_rot = self.kv_round(rope.apply(&heads_first(&k, c.n_kv_head, c.head_dim)?)?)?;
         let v_heads = self.kv_round(heads_first(&v, c.n_kv_head, c.head_dim)?)?;
@@ -430,11 +436,18 @@ impl Model {
         positions: &[u32],
     ) -> Result<()> {
         let c = &self.config;
-        if kv.k.dim(0)? != positions.len() {
+        if layer >= c.n_layer || cache.n_layer() != c.n_layer {
             return Err(ModelError::Input(format!(
-                "{} positions for {} injected entries",
+                "layer {layer} does not exist in a {}-layer model and cache",
+                c.n_layer
+            )));
+        }
+        if kv.k.dim(0)? != positions.len() || kv.v.dim(0)? != positions.len() {
+            return Err(ModelError::Input(format!(
+                "{} positions for {} keys and {} values",
                 positions.len(),
-                kv.k.dim(0)?
+                kv.k.dim(0)?,
+                kv.v.dim(0)?
             )));
         }
         let rope = RopeTables::new(c, positions, &self.device)?;
@@ -512,6 +525,5 @@ fn heads_first(x: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
     let n = x.dim(0)?;
     Ok(x.reshape((n, heads, head_dim))?
         .transpose(0, 1)?
-        .contiguous()?
-        .to_dtype(DType::F32)?)
+        .contiguous()?)
 }
