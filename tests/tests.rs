@@ -7,6 +7,8 @@ mod util;
 mod model_tiny;
 // The real default model against llama.cpp's reference vectors.
 mod model_parity;
+// METHOD.md checks A and B on the real default model.
+mod model_inject;
 // Documents: PDF (worker subprocess), text, Markdown, EPUB, and bad input.
 mod document;
 // The real binary: ask, bench, and bad model input.

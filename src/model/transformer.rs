@@ -474,7 +474,10 @@ impl Model {
             let start = cache.len() as u32;
             let positions: Vec<u32> = (start..start + piece.len() as u32).collect();
             let x = self.embed(piece)?;
-            hidden = Some(self.forward(&x, &Forward::all(self, &positions), cache)?.hidden);
+            hidden = Some(
+                self.forward(&x, &Forward::all(self, &positions), cache)?
+                    .hidden,
+            );
         }
         let hidden = hidden.ok_or_else(|| ModelError::Input("nothing to run".into()))?;
         let last = hidden.narrow(0, hidden.dim(0)? - 1, 1)?;
