@@ -9,6 +9,8 @@ mod model_tiny;
 mod model_parity;
 // METHOD.md checks A and B on the real default model.
 mod model_inject;
+// Generation on the real model: stop tokens, limits, cancellation.
+mod generate;
 // Documents: PDF (worker subprocess), text, Markdown, EPUB, and bad input.
 mod document;
 // The real binary: ask, bench, and bad model input.
