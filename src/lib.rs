@@ -1,9 +1,14 @@
 //! slm-chat: ask questions about long documents and whole books with a small local model.
 //!
 //! The pipeline runs one way: [`document`] turns files into text with pages and sections;
-//! [`model`] is the transformer the rest is built on (an open forward over layer ranges with
-//! injected KV).
+//! [`tree`] cuts it into chunks and scores them; [`model`] is the transformer the rest is
+//! built on (an open forward over layer ranges with injected KV); [`engine`] answers one
+//! question end to end; [`cli`] wires them to the command line.
+//!
+//! `unsafe` is denied everywhere except, each behind a `SAFETY` comment: the SIMD kernels
+//! (`model::quant`, F16C rounding in `model::attention`) and the safetensors mmap.
 #![deny(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod bench;
 pub mod cli;
