@@ -72,7 +72,13 @@ pub fn run(
     let m = &llm.model;
     let mut figures = Vec::new();
 
+    let window = m.config().context_length;
     for &n in &plan.prefill_sizes {
+        if n == 0 || n > window {
+            return Err(ModelError::Input(format!(
+                "--prefill {n}: must be between 1 and the model's {window}-token window"
+            )));
+        }
         if n > tokens.len() {
             return Err(ModelError::Input(format!(
                 "prefill {n} needs more than the sample's {} tokens",

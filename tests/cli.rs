@@ -238,3 +238,9 @@ fn config_path_answers_even_when_the_config_is_broken_and_bad_settings_are_named
     let out = run_env(&["config", "show"], &[("SLM_CHAT_GENERATE_TOP_P", "1.5")]);
     assert_one_line_error(&out, "generate.top_p");
 }
+
+#[test]
+fn a_prefill_longer_than_the_window_is_refused() {
+    let out = run(&["bench", "--prefill", "20000"], &default_model());
+    assert_one_line_error(&out, "8192-token window");
+}

@@ -112,8 +112,18 @@ impl Sampler {
             .enumerate()
             .map(|(i, &l)| (i as u32, ((l - max) / t).exp()))
             .collect();
-        probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
         let total: f32 = probs.iter().map(|p| p.1).sum();
+        // Only the head of the distribution can be in the nucleus: sort the 256 most likely
+        // tokens, not the whole vocabulary, unless they do not reach `top_p`.
+        let head = probs.len().min(256);
+        if head < probs.len() {
+            probs.select_nth_unstable_by(head - 1, |a, b| b.1.total_cmp(&a.1));
+            let head_mass: f32 = probs[..head].iter().map(|p| p.1).sum();
+            if head_mass / total >= self.params.top_p {
+                probs.truncate(head);
+            }
+        }
+        probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
         let mut kept = 0.0;
         let mut cut = probs.len();
         for (i, p) in probs.iter().enumerate() {
