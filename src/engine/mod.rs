@@ -17,6 +17,8 @@ use crate::model::{
 };
 use crate::tree::{chunk, Bm25};
 
+pub mod session;
+
 /// What the model is told about its job. Short: a 135M model follows short instructions best.
 pub const SYSTEM_PROMPT: &str = "You answer questions about a document. Use only the document. \
 If the document does not contain the answer, say that it does not.";
@@ -282,7 +284,7 @@ fn rag_passages(
 }
 
 /// The first words of a passage on one line.
-fn preview(text: &str) -> String {
+pub fn preview(text: &str) -> String {
     let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
     match flat.char_indices().nth(80) {
         Some((at, _)) => format!("{}…", &flat[..at]),
