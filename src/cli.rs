@@ -1,6 +1,6 @@
 //! The command line: clap arguments, settings layering, and wiring of the library's parts.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -10,9 +10,11 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{user_config_path, Config};
 use crate::document::{self, LoadOptions, PdfWorkerArgs};
-use crate::engine::{self, AskSettings, Method};
+use crate::engine::session::Progress;
+use crate::engine::{self, AskSettings, EngineError, Method};
 use crate::model::{self, DeviceChoice, Llm, SamplingParams};
-use crate::{bench, sys};
+use crate::{bench, store, sys};
+use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -54,6 +56,19 @@ enum Command {
         #[arg(long)]
         temperature: Option<f64>,
     },
+    /// Build and store the context tree of each file (resuming a stopped build).
+    Ingest {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Print one JSON object per file instead of a summary line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The stored context trees: list them, delete them, or show where they are.
+    Cache {
+        #[command(subcommand)]
+        what: CacheCommand,
+    },
     /// Print the text slm-chat reads from FILE, with page markers (or as JSON).
     Extract {
         file: PathBuf,
@@ -85,6 +100,24 @@ enum Command {
     },
     #[command(name = "__pdf-worker", hide = true)]
     PdfWorker(PdfWorkerArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum CacheCommand {
+    /// Every stored tree: key, state, size, tokens, source file.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete stored trees: by key (or its start), by the file they were built from, or all.
+    Rm {
+        /// Keys, key prefixes, or document files.
+        targets: Vec<String>,
+        #[arg(long, conflicts_with = "targets")]
+        all: bool,
+    },
+    /// The directory trees are kept in.
+    Path,
 }
 
 #[derive(Subcommand, Debug)]
@@ -146,6 +179,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
             ask(&config, &file, &question, method, json)
         }
         Command::Extract { file, json } => extract(&file, json),
+        Command::Ingest { files, json } => ingest(&config, &files, json),
+        Command::Cache { what } => cache(&config, what),
         Command::Bench {
             json,
             reps,
@@ -275,6 +310,174 @@ fn ask(
             answer.timings.decode_tok_s,
             answer.memory.peak_rss_bytes.map(sys::human_bytes).unwrap_or_else(|| "?".into()),
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ingest(config: &Config, files: &[PathBuf], json: bool) -> Result<ExitCode> {
+    let llm = load_model(config)?;
+    let cancel = AtomicBool::new(false);
+    for file in files {
+        let bar = progress_bar(file);
+        let mut say = |p: &Progress| show_progress(&bar, p);
+        let result = engine::ingest::open_or_build(&llm, file, config, true, &mut say, &cancel);
+        bar.finish_and_clear();
+        let (_, r) = result.map_err(|e| match e {
+            EngineError::Document(d) => anyhow::Error::new(Exit {
+                message: format!("{}: {d}", file.display()),
+                code: d.exit_code(),
+            }),
+            e => anyhow::Error::new(e).context(file.display().to_string()),
+        })?;
+        if json {
+            println!("{}", serde_json::to_string(&r)?);
+            continue;
+        }
+        if let Some(why) = &r.rebuilt {
+            eprintln!("slm-chat: {why}; rebuilt it");
+        }
+        let what = if r.built {
+            let resumed = if r.resumed_chunks > 0 {
+                format!(" (resumed after {} finished chunks)", r.resumed_chunks)
+            } else {
+                String::new()
+            };
+            format!(
+                "built in {:.1} s at {:.0} tok/s{resumed}",
+                r.seconds, r.tok_s
+            )
+        } else {
+            format!("already stored, checked in {:.2} s", r.seconds)
+        };
+        println!(
+            "{}: {} tokens, {} chunks, {what}; {} on disk ({}) at {}",
+            file.display(),
+            r.tokens,
+            r.chunks,
+            sys::human_bytes(r.store_bytes),
+            if r.full_kv {
+                "full KV kept"
+            } else {
+                "levels only"
+            },
+            r.path.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn progress_bar(file: &Path) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} chunks · {msg}")
+        .map(|s| s.progress_chars("=> "));
+    if let Ok(style) = style {
+        bar.set_style(style);
+    }
+    bar.set_prefix(
+        file.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    bar
+}
+
+/// Progress on the bar, or one line per tenth of the work when stderr is not a terminal.
+fn show_progress(bar: &ProgressBar, p: &Progress) {
+    if bar.is_hidden() {
+        let step = (p.total / 10).max(1);
+        if p.total == 0 || p.done.is_multiple_of(step) || p.done == p.total {
+            if p.total == 0 {
+                eprintln!("slm-chat: {}", p.message);
+            } else {
+                eprintln!(
+                    "slm-chat: {} · {:.0} tok/s · ETA {:.0} s",
+                    p.message,
+                    p.tok_s,
+                    p.eta_secs.unwrap_or(0.0)
+                );
+            }
+        }
+        return;
+    }
+    if p.total == 0 {
+        bar.set_message(p.message.clone());
+        return;
+    }
+    bar.set_length(p.total as u64);
+    bar.set_position(p.done as u64);
+    bar.set_message(format!(
+        "{:.0} tok/s · ETA {:.0} s",
+        p.tok_s,
+        p.eta_secs.unwrap_or(0.0)
+    ));
+}
+
+fn cache(config: &Config, what: CacheCommand) -> Result<ExitCode> {
+    let dir = config.trees_dir();
+    match what {
+        CacheCommand::Path => println!("{}", dir.display()),
+        CacheCommand::Ls { json } => {
+            let trees = store::list(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&trees)?);
+            } else if trees.is_empty() {
+                println!("no stored trees in {}", dir.display());
+            } else {
+                for t in &trees {
+                    println!(
+                        "{}  {:>9}  {:>8} tokens  {:>5} chunks  {}  {}",
+                        t.key,
+                        sys::human_bytes(t.bytes),
+                        t.tokens,
+                        t.chunks,
+                        t.state,
+                        t.source
+                    );
+                }
+            }
+        }
+        CacheCommand::Rm { targets, all } => {
+            let trees = store::list(&dir)?;
+            if !all && targets.is_empty() {
+                anyhow::bail!("name the trees to delete (keys from `slm-chat cache ls`, or files), or pass --all");
+            }
+            let mut doomed: Vec<&store::Listing> = Vec::new();
+            for t in &targets {
+                // A path names the document: every tree built from its bytes.
+                let doc = Path::new(t)
+                    .is_file()
+                    .then(|| store::hash_file(Path::new(t)))
+                    .transpose()?;
+                let hits: Vec<&store::Listing> = trees
+                    .iter()
+                    .filter(|l| {
+                        l.key.starts_with(t.as_str())
+                            || doc.as_ref().is_some_and(|d| l.key.starts_with(&d[..16]))
+                    })
+                    .collect();
+                if hits.is_empty() {
+                    anyhow::bail!("no stored tree matches {t} (see `slm-chat cache ls`)");
+                }
+                doomed.extend(hits);
+            }
+            if all {
+                doomed = trees.iter().collect();
+            }
+            doomed.sort_by(|a, b| a.key.cmp(&b.key));
+            doomed.dedup_by(|a, b| a.key == b.key);
+            for t in doomed {
+                store::remove(&t.path)?;
+                println!(
+                    "removed {}  {}  {}",
+                    t.key,
+                    sys::human_bytes(t.bytes),
+                    t.source
+                );
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -19,7 +19,81 @@ pub struct Config {
     pub model: ModelSettings,
     pub generate: GenerateSettings,
     pub rag: RagSettings,
+    pub tree: TreeSettings,
+    pub store: StoreSettings,
     pub paths: PathSettings,
+}
+
+/// How a node's tokens are reduced to one KV entry per α tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Downsample {
+    /// The mean of each group of α entries.
+    Mean,
+    /// Every α-th entry, from the first (the official SharedLLM code).
+    Strided,
+}
+
+/// `[tree]`: how the context tree is built (a change makes a new tree).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TreeSettings {
+    /// Tokens per chunk (cut at a sentence end within ±10 %).
+    pub chunk_tokens: usize,
+    /// Levels below the chunk: level w has 2^w nodes.
+    pub height: usize,
+    /// Tokens per kept KV entry at each level, 0 (the chunk) to `height`.
+    pub alpha: Vec<usize>,
+    pub downsample: Downsample,
+    /// Layers of the lower model whose KV is kept (M); 0 = all.
+    pub lower_layers: usize,
+    /// Layer whose mean hidden state is each node's `hidden` vector.
+    pub vector_layer: usize,
+    /// Chunks encoded together in one forward pass (and written as one file).
+    pub batch_chunks: usize,
+}
+
+impl Default for TreeSettings {
+    fn default() -> Self {
+        Self {
+            chunk_tokens: 512,
+            height: 3,
+            alpha: vec![32, 16, 8, 4],
+            downsample: Downsample::Mean,
+            lower_layers: 0,
+            vector_layer: 12,
+            batch_chunks: 4,
+        }
+    }
+}
+
+/// Whether the full-resolution KV of every token is kept on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FullKv {
+    /// Keep it when it fits `disk_budget_gb`.
+    Auto,
+    Always,
+    /// Keep only the downsampled levels; leaves are re-encoded when a question needs them.
+    Never,
+}
+
+/// `[store]`: what the stored tree keeps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    pub full_kv: FullKv,
+    /// Most gigabytes one document's full-resolution KV may take with `full_kv = auto`.
+    pub disk_budget_gb: f64,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            full_kv: FullKv::Auto,
+            disk_budget_gb: 8.0,
+        }
+    }
 }
 
 /// `[rag]`: the BM25 passages method.
@@ -170,6 +244,28 @@ impl Config {
         if self.rag.max_tokens < self.rag.chunk_tokens {
             return bad("rag.max_tokens", "must be at least rag.chunk_tokens");
         }
+        let t = &self.tree;
+        if t.height > 6 {
+            return bad("tree.height", "must be at most 6");
+        }
+        if t.chunk_tokens < 8 << t.height {
+            return bad(
+                "tree.chunk_tokens",
+                "must leave at least 8 tokens per node at the deepest level (8 × 2^height)",
+            );
+        }
+        if t.alpha.len() != t.height + 1 || t.alpha.contains(&0) {
+            return bad(
+                "tree.alpha",
+                "needs one ratio ≥ 1 per level, from the chunk (level 0) to level `height`",
+            );
+        }
+        if t.batch_chunks == 0 {
+            return bad("tree.batch_chunks", "must be at least 1");
+        }
+        if !(self.store.disk_budget_gb.is_finite() && self.store.disk_budget_gb >= 0.0) {
+            return bad("store.disk_budget_gb", "must be a number ≥ 0");
+        }
         Ok(())
     }
 
@@ -181,6 +277,11 @@ impl Config {
         dirs()
             .map(|d| d.cache_dir().to_path_buf())
             .unwrap_or_else(|| std::env::temp_dir().join("slm-chat"))
+    }
+
+    /// Where context trees are kept.
+    pub fn trees_dir(&self) -> PathBuf {
+        self.cache_dir().join("trees")
     }
 
     /// Where models are cached.
@@ -259,6 +360,10 @@ fn parse_like(slot: &toml::Value, raw: &str) -> Option<toml::Value> {
         toml::Value::Integer(_) => toml::Value::Integer(raw.trim().parse().ok()?),
         toml::Value::Float(_) => toml::Value::Float(raw.trim().parse().ok()?),
         toml::Value::Boolean(_) => toml::Value::Boolean(raw.trim().parse().ok()?),
+        // Lists are written as in TOML: `SLM_CHAT_TREE_ALPHA="[32, 16, 8, 4]"`.
+        toml::Value::Array(_) => toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()?
+            .remove("v")?,
         _ => return None,
     })
 }

@@ -16,5 +16,6 @@ pub mod config;
 pub mod document;
 pub mod engine;
 pub mod model;
+pub mod store;
 pub mod sys;
 pub mod tree;

@@ -13,5 +13,7 @@ mod model_inject;
 mod generate;
 // Documents: PDF (worker subprocess), text, Markdown, EPUB, and bad input.
 mod document;
+// The context tree: encoder equals a plain forward; store resume and damage.
+mod tree;
 // The real binary: ask, bench, and bad model input.
 mod cli;

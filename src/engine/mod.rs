@@ -17,6 +17,7 @@ use crate::model::{
 };
 use crate::tree::{chunk, Bm25};
 
+pub mod ingest;
 pub mod session;
 
 /// What the model is told about its job. Short: a 135M model follows short instructions best.
@@ -81,8 +82,16 @@ pub enum EngineError {
     EmptyQuestion,
     #[error("no passage of the document shares a word with the question; rephrase it, or use --method truncate")]
     NothingMatches,
+    #[error("the document has no text to read")]
+    EmptyDocument,
+    #[error("stopped")]
+    Cancelled,
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Document(#[from] crate::document::DocumentError),
 }
 
 /// A finished answer with its figures.
@@ -147,6 +156,11 @@ fn prompt_parts(llm: &Llm, question: &str) -> Result<PromptParts, EngineError> {
         prefix: tk.encode(before, true)?,
         suffix,
     })
+}
+
+/// The tokens before the document in every prompt: the sink prefix chunks are encoded after.
+pub fn sink_prefix(llm: &Llm) -> Result<Vec<u32>, EngineError> {
+    Ok(prompt_parts(llm, "")?.prefix)
 }
 
 /// Answer `question` about `doc`, calling `on_text` with each new piece of the answer.

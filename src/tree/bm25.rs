@@ -1,7 +1,9 @@
 //! BM25 over chunks (Robertson & Zaragoza 2009, k1 = 1.2, b = 0.75): the lexical scorer for
 //! `rag`, and one of the tree's node scorers.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 
 const K1: f64 = 1.2;
 const B: f64 = 0.75;
@@ -22,14 +24,15 @@ pub fn terms(text: &str) -> impl Iterator<Item = String> + '_ {
         .filter(|w| !STOPWORDS.contains(&w.as_str()))
 }
 
-/// Term statistics of a set of passages.
-#[derive(Debug, Clone)]
+/// Term statistics of a set of passages (ordered maps, so the stored form is the same
+/// from one build to the next).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Bm25 {
     /// Per passage: term → count.
-    counts: Vec<HashMap<String, u32>>,
+    counts: Vec<BTreeMap<String, u32>>,
     lengths: Vec<usize>,
     /// Term → number of passages containing it.
-    df: HashMap<String, u32>,
+    df: BTreeMap<String, u32>,
     avg_len: f64,
 }
 
@@ -37,9 +40,9 @@ impl Bm25 {
     pub fn new<'a>(passages: impl IntoIterator<Item = &'a str>) -> Self {
         let mut counts = Vec::new();
         let mut lengths = Vec::new();
-        let mut df: HashMap<String, u32> = HashMap::new();
+        let mut df: BTreeMap<String, u32> = BTreeMap::new();
         for p in passages {
-            let mut c: HashMap<String, u32> = HashMap::new();
+            let mut c: BTreeMap<String, u32> = BTreeMap::new();
             let mut len = 0;
             for t in terms(p) {
                 *c.entry(t).or_default() += 1;

@@ -1,10 +1,14 @@
-//! The context tree's parts that need no model: cutting a tokenized document into chunks at
-//! sentence ends with their pages, and BM25 statistics over them.
+//! The context tree: cutting a tokenized document into chunks at sentence ends with their
+//! pages, the node layout of each chunk's binary tree, the lower model's encoding of chunks
+//! into per-level KV and node vectors, and BM25 statistics.
 //!
-//! Knows documents (for pages) and token ids, never files on disk or the UI.
+//! Knows documents (for pages), token ids and the model, never files on disk or the UI.
 
 mod bm25;
 mod chunk;
+mod encode;
+pub mod layout;
 
-pub use bm25::Bm25;
+pub use bm25::{terms, Bm25};
 pub use chunk::{chunk, Chunk};
+pub use encode::{EncodedChunk, Encoder, TreeConfig};

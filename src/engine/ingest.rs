@@ -1,0 +1,280 @@
+//! Reading a document once: find its stored tree, or build it chunk batch by chunk batch
+//! with the lower model (resuming a stopped build), and open it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::session::{Progress, Stage};
+use super::EngineError;
+use crate::config::{Config, FullKv};
+use crate::document::{self, Document, LoadOptions};
+use crate::model::Llm;
+use crate::store::{self, Build, ChunkEntry, Contents, NodeEntry, Plan, StoreError, Sum, Tree};
+use crate::tree::{chunk, layout, Bm25, Encoder, TreeConfig};
+
+/// What one ingest did.
+#[derive(Debug, Clone, Serialize)]
+pub struct IngestReport {
+    pub source: PathBuf,
+    pub path: PathBuf,
+    pub tokens: usize,
+    pub chunks: usize,
+    /// False when the tree was already stored.
+    pub built: bool,
+    /// Chunks found finished from a stopped build.
+    pub resumed_chunks: usize,
+    /// Chunks encoded now.
+    pub encoded_chunks: usize,
+    pub seconds: f64,
+    /// Document tokens encoded per second (this run).
+    pub tok_s: f64,
+    pub store_bytes: u64,
+    pub full_kv: bool,
+    /// Why the stored tree was rebuilt, when it was.
+    pub rebuilt: Option<String>,
+}
+
+/// The settings that decide a tree's contents, as its cache key sees them.
+fn key_settings(config: &Config, sink: &[u32]) -> Vec<u8> {
+    serde_json::to_vec(&(&config.tree, &config.store, sink)).unwrap_or_default()
+}
+
+/// Where the tree of `file` (with this model and these settings) is kept.
+pub fn tree_dir(llm: &Llm, file: &Path, config: &Config) -> Result<PathBuf, EngineError> {
+    let doc = store::hash_file(file)?;
+    let model = store::hash_model(&llm.path)?;
+    let sink = super::sink_prefix(llm)?;
+    Ok(config
+        .trees_dir()
+        .join(store::key(&doc, &model, &key_settings(config, &sink))))
+}
+
+/// Open the stored tree of `file`, building it first when there is none (or it is damaged).
+///
+/// `say` receives progress; setting `cancel` stops a build after the batch being encoded,
+/// keeping what is finished for the next run. With `verify`, a stored tree has every tensor
+/// checked now (otherwise each is checked the first time it is read).
+pub fn open_or_build(
+    llm: &Llm,
+    file: &Path,
+    config: &Config,
+    verify: bool,
+    say: &mut dyn FnMut(&Progress),
+    cancel: &AtomicBool,
+) -> Result<(Tree, IngestReport), EngineError> {
+    let start = Instant::now();
+    let dir = tree_dir(llm, file, config)?;
+    let mut rebuilt = None;
+    let opened = Tree::open(&dir).and_then(|t| {
+        if verify {
+            say(&note(Stage::Open, "checking the stored tree".into()));
+            t.verify_all()?;
+        }
+        Ok(t)
+    });
+    match opened {
+        Ok(tree) => {
+            let report = report(file, &tree, start, false, 0, 0, None);
+            return Ok((tree, report));
+        }
+        Err(e) if e.needs_rebuild() => {
+            say(&note(Stage::Open, format!("{e}; building it again")));
+            store::remove(&dir)?;
+            rebuilt = Some(e.to_string());
+        }
+        Err(StoreError::Missing(_) | StoreError::Partial(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    say(&note(
+        Stage::Document,
+        format!("reading {}", file.display()),
+    ));
+    let exe = std::env::current_exe().map_err(|e| StoreError::Io {
+        path: PathBuf::from("slm-chat"),
+        source: e,
+    })?;
+    let doc = document::load(file, &LoadOptions::new(exe))?;
+    let (tree, mut report) = build(llm, file, &doc, &dir, config, say, cancel, start)?;
+    report.rebuilt = rebuilt;
+    Ok((tree, report))
+}
+
+fn note(stage: Stage, message: String) -> Progress {
+    Progress {
+        stage,
+        done: 0,
+        total: 0,
+        tok_s: 0.0,
+        eta_secs: None,
+        message,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build(
+    llm: &Llm,
+    file: &Path,
+    doc: &Document,
+    dir: &Path,
+    config: &Config,
+    say: &mut dyn FnMut(&Progress),
+    cancel: &AtomicBool,
+    start: Instant,
+) -> Result<(Tree, IngestReport), EngineError> {
+    let t = &config.tree;
+    let mc = llm.model.config();
+    say(&note(Stage::Document, "tokenizing".into()));
+    let enc = llm.tokenizer.encode_with_offsets(&doc.text)?;
+    if enc.ids.is_empty() {
+        return Err(EngineError::EmptyDocument);
+    }
+    let chunks = chunk(doc, &enc, t.chunk_tokens);
+    let layers = if t.lower_layers == 0 {
+        mc.n_layer
+    } else {
+        t.lower_layers
+    };
+    let kv_dim = mc.n_kv_head * mc.head_dim;
+    let full_bytes = enc.ids.len() as f64 * (layers * 2 * kv_dim * 2) as f64;
+    let full_kv = match config.store.full_kv {
+        FullKv::Always => true,
+        FullKv::Never => false,
+        FullKv::Auto => full_bytes <= config.store.disk_budget_gb * 1e9,
+    };
+    let cfg = TreeConfig {
+        chunk_tokens: t.chunk_tokens,
+        height: t.height,
+        alpha: t.alpha.clone(),
+        downsample: t.downsample,
+        layers,
+        vector_layer: t.vector_layer,
+        full_kv,
+        batch_chunks: t.batch_chunks,
+        sink: super::sink_prefix(llm)?,
+    };
+    let entries: Vec<ChunkEntry> = chunks
+        .iter()
+        .map(|c| ChunkEntry {
+            nodes: layout::node_spans(c.tokens.len(), t.height)
+                .into_iter()
+                .map(|s| {
+                    let (a, b) = (c.tokens.start + s.start, c.tokens.start + s.end);
+                    let chars = if a < b {
+                        (enc.offsets[a].0, enc.offsets[b - 1].1)
+                    } else {
+                        let at = enc.offsets.get(a).map_or(doc.text.len(), |o| o.0);
+                        (at, at)
+                    };
+                    NodeEntry {
+                        tokens: (a, b),
+                        chars,
+                        pages: (
+                            doc.page_at(chars.0),
+                            doc.page_at(chars.1.saturating_sub(1).max(chars.0)),
+                        ),
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    let bm25: Vec<Bm25> = (0..=t.height)
+        .map(|w| {
+            let first = layout::node_number(w, 0);
+            Bm25::new(entries.iter().flat_map(|c| {
+                c.nodes[first..first + (1 << w)]
+                    .iter()
+                    .map(|n| &doc.text[n.chars.0..n.chars.1])
+            }))
+        })
+        .collect();
+    let contents = Contents {
+        text: &doc.text,
+        token_ids: store::token_file(&enc.ids)?,
+        bm25: serde_json::to_vec(&bm25).map_err(|e| StoreError::Io {
+            path: dir.join("bm25.json"),
+            source: e.into(),
+        })?,
+    };
+    let plan = Plan {
+        format: store::FORMAT_VERSION,
+        source: file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        title: doc.title.clone(),
+        document: store::hash_file(file)?,
+        model: store::hash_model(&llm.path)?,
+        config: cfg.clone(),
+        tokens: enc.ids.len(),
+        kv_dim,
+        d_model: mc.d_model,
+        chunks: entries,
+        text: Sum::of(doc.text.as_bytes()),
+        token_ids: Sum::of(&contents.token_ids),
+        bm25: Sum::of(&contents.bm25),
+    };
+    let mut build = Build::begin(dir, plan, &contents)?;
+    let encoder = Encoder::new(&llm.model, cfg)?;
+    let per = t.batch_chunks;
+    let total = chunks.len();
+    let resumed = (build.batches_done() * per).min(total);
+    let encode_start = Instant::now();
+    let mut encoded_tokens = 0usize;
+    let mut encoded_chunks = 0usize;
+    for (b, batch) in chunks.chunks(per).enumerate().skip(build.batches_done()) {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(EngineError::Cancelled);
+        }
+        let ids: Vec<&[u32]> = batch.iter().map(|c| &enc.ids[c.tokens.clone()]).collect();
+        let encoded = encoder.encode(&ids)?;
+        build.add_batch(&encoded)?;
+        encoded_tokens += ids.iter().map(|c| c.len()).sum::<usize>();
+        encoded_chunks += batch.len();
+        let secs = encode_start.elapsed().as_secs_f64();
+        let done = ((b + 1) * per).min(total);
+        let tok_s = encoded_tokens as f64 / secs.max(1e-9);
+        let left: usize = chunks[done..].iter().map(|c| c.tokens.len()).sum();
+        say(&Progress {
+            stage: Stage::Encode,
+            done,
+            total,
+            tok_s,
+            eta_secs: Some(left as f64 / tok_s.max(1e-9)),
+            message: format!("encoding chunks {done}/{total}"),
+        });
+    }
+    let dir = build.finish()?;
+    let tree = Tree::open(&dir)?;
+    let mut r = report(file, &tree, start, true, resumed, encoded_chunks, None);
+    r.tok_s = encoded_tokens as f64 / encode_start.elapsed().as_secs_f64().max(1e-9);
+    Ok((tree, r))
+}
+
+fn report(
+    file: &Path,
+    tree: &Tree,
+    start: Instant,
+    built: bool,
+    resumed_chunks: usize,
+    encoded_chunks: usize,
+    rebuilt: Option<String>,
+) -> IngestReport {
+    let plan = &tree.manifest().plan;
+    IngestReport {
+        source: file.to_path_buf(),
+        path: tree.dir().to_path_buf(),
+        tokens: plan.tokens,
+        chunks: plan.chunks.len(),
+        built,
+        resumed_chunks,
+        encoded_chunks,
+        seconds: start.elapsed().as_secs_f64(),
+        tok_s: 0.0,
+        store_bytes: tree.disk_bytes(),
+        full_kv: plan.config.full_kv,
+        rebuilt,
+    }
+}

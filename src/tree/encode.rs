@@ -1,0 +1,269 @@
+//! The lower model over chunks: per layer, keys (before RoPE) and values of every token, the
+//! downsampled views of every level, and each node's search vectors (METHOD.md, "Build").
+//!
+//! Every chunk is encoded after the same **sink prefix** (the tokens that precede the
+//! document in the upper model's prompt), attending causally within itself only, at the
+//! positions it would have right after that prefix. The prefix's KV is computed once and
+//! shared by every chunk, then dropped: it is not part of the tree.
+
+use std::ops::Range;
+
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+use super::layout::{level_rows, node_spans, nodes_per_chunk};
+use crate::config::Downsample;
+use crate::model::{Forward, KvCache, Model, ModelError};
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// Everything that decides the tree's contents (stored with it; a change means a new tree).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeConfig {
+    pub chunk_tokens: usize,
+    pub height: usize,
+    /// Tokens per entry for levels `0..=height`.
+    pub alpha: Vec<usize>,
+    pub downsample: Downsample,
+    /// Layers whose KV is kept (M).
+    pub layers: usize,
+    pub vector_layer: usize,
+    /// Whether every token's KV is kept (else only the levels).
+    pub full_kv: bool,
+    pub batch_chunks: usize,
+    /// The sink prefix the chunks were encoded after.
+    pub sink: Vec<u32>,
+}
+
+/// One chunk through the lower model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedChunk {
+    pub len: usize,
+    /// `(layers, 2, len, kv_dim)`: keys before RoPE then values, per layer; empty when the
+    /// tree keeps no full-resolution KV.
+    pub full: Vec<f16>,
+    /// Per level `w`: `(layers, 2, rows_w, kv_dim)`, the level's nodes one after the other.
+    pub levels: Vec<Vec<f16>>,
+    /// `(nodes, d_model)`: the layer-0 output at each node's last token (the paper's vector).
+    pub paper: Vec<f32>,
+    /// `(nodes, d_model)`: the mean output of `vector_layer` over each node's tokens.
+    pub hidden: Vec<f32>,
+}
+
+/// Encodes chunks with a model's first layers after a shared sink prefix.
+pub struct Encoder<'m> {
+    model: &'m Model,
+    cfg: TreeConfig,
+    /// The sink prefix's KV in every layer run.
+    sink: KvCache,
+}
+
+impl<'m> Encoder<'m> {
+    pub fn new(model: &'m Model, cfg: TreeConfig) -> Result<Self> {
+        let n_layer = model.config().n_layer;
+        if cfg.layers == 0 || cfg.layers > n_layer || cfg.vector_layer >= n_layer {
+            return Err(ModelError::Input(format!(
+                "tree layers {} / vector layer {} do not fit a {n_layer}-layer model",
+                cfg.layers, cfg.vector_layer
+            )));
+        }
+        let mut sink = model.new_cache();
+        if !cfg.sink.is_empty() {
+            let positions: Vec<u32> = (0..cfg.sink.len() as u32).collect();
+            let x = model.embed(&cfg.sink)?;
+            let f = Forward {
+                positions: &positions,
+                segments: None,
+                layers: 0..run_layers(&cfg),
+                keep_kv: false,
+                keep_hidden: &[],
+            };
+            model.forward(&x, &f, &mut sink)?;
+        }
+        Ok(Self { model, cfg, sink })
+    }
+
+    pub fn config(&self) -> &TreeConfig {
+        &self.cfg
+    }
+
+    /// Encode `chunks` (token ids each) in one forward pass, each attending only to the sink
+    /// prefix and itself.
+    pub fn encode(&self, chunks: &[&[u32]]) -> Result<Vec<EncodedChunk>> {
+        let run = self.run(chunks, &[0, self.cfg.vector_layer])?;
+        let d = self.model.config().d_model;
+        let kv_dim = self.kv_dim();
+        let mut out = Vec::with_capacity(chunks.len());
+        let mut at = 0;
+        for c in chunks {
+            let rows = at..at + c.len();
+            at += c.len();
+            let spans = node_spans(c.len(), self.cfg.height);
+            let full = if self.cfg.full_kv {
+                gather_full(&run.kv, rows.clone(), kv_dim)
+            } else {
+                Vec::new()
+            };
+            let levels = (0..=self.cfg.height)
+                .map(|w| {
+                    downsample(
+                        &run.kv,
+                        rows.start,
+                        &spans,
+                        w,
+                        self.cfg.alpha[w],
+                        self.cfg.downsample,
+                        kv_dim,
+                    )
+                })
+                .collect();
+            let mut paper = Vec::with_capacity(spans.len() * d);
+            let mut hidden = Vec::with_capacity(spans.len() * d);
+            for s in &spans {
+                if s.is_empty() {
+                    paper.extend(std::iter::repeat_n(0.0, d));
+                    hidden.extend(std::iter::repeat_n(0.0, d));
+                    continue;
+                }
+                let last = rows.start + s.end - 1;
+                paper.extend_from_slice(&run.layer0[last * d..(last + 1) * d]);
+                let mut mean = vec![0f32; d];
+                for r in s.clone() {
+                    let row = &run.vector[(rows.start + r) * d..(rows.start + r + 1) * d];
+                    mean.iter_mut().zip(row).for_each(|(m, &x)| *m += x);
+                }
+                let inv = 1.0 / s.len() as f32;
+                hidden.extend(mean.iter().map(|m| m * inv));
+            }
+            debug_assert_eq!(paper.len(), nodes_per_chunk(self.cfg.height) * d);
+            out.push(EncodedChunk {
+                len: c.len(),
+                full,
+                levels,
+                paper,
+                hidden,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Full-resolution KV `(layers, 2, end, kv_dim)` of the first `end` tokens of one chunk:
+    /// what a tree without stored leaves recomputes when a question needs them.
+    pub fn encode_full(&self, chunk: &[u32]) -> Result<Vec<f16>> {
+        let run = self.run(&[chunk], &[])?;
+        Ok(gather_full(&run.kv, 0..chunk.len(), self.kv_dim()))
+    }
+
+    fn kv_dim(&self) -> usize {
+        let c = self.model.config();
+        c.n_kv_head * c.head_dim
+    }
+
+    fn run(&self, chunks: &[&[u32]], keep_hidden: &[usize]) -> Result<Run> {
+        let p = self.cfg.sink.len() as u32;
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut segments = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            tokens.extend_from_slice(c);
+            positions.extend((0..c.len() as u32).map(|j| p + j));
+            segments.extend(std::iter::repeat_n(i as u32, c.len()));
+        }
+        let mut cache = self.sink.fork()?;
+        let f = Forward {
+            positions: &positions,
+            segments: Some(&segments),
+            layers: 0..run_layers(&self.cfg),
+            keep_kv: true,
+            keep_hidden,
+        };
+        let x = self.model.embed(&tokens)?;
+        let out = self.model.forward(&x, &f, &mut cache)?;
+        let flat = |t: &candle_core::Tensor| -> Result<Vec<f32>> {
+            Ok(t.contiguous()?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let kv = out.kv[..self.cfg.layers]
+            .iter()
+            .map(|l| Ok((flat(&l.k)?, flat(&l.v)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let hidden_of = |layer: usize| -> Result<Vec<f32>> {
+            match out.hidden_at.iter().find(|(l, _)| *l == layer) {
+                Some((_, h)) => flat(h),
+                None => Ok(Vec::new()),
+            }
+        };
+        Ok(Run {
+            kv,
+            layer0: hidden_of(0)?,
+            vector: hidden_of(self.cfg.vector_layer)?,
+        })
+    }
+}
+
+/// Layers the lower model runs: those whose KV is kept, and at least up to the vector layer.
+fn run_layers(cfg: &TreeConfig) -> usize {
+    cfg.layers.max(cfg.vector_layer + 1)
+}
+
+/// One forward pass's outputs as plain vectors.
+struct Run {
+    /// Per layer kept: keys `(n, kv_dim)` before RoPE, values `(n, kv_dim)`.
+    kv: Vec<(Vec<f32>, Vec<f32>)>,
+    layer0: Vec<f32>,
+    vector: Vec<f32>,
+}
+
+fn gather_full(kv: &[(Vec<f32>, Vec<f32>)], rows: Range<usize>, kv_dim: usize) -> Vec<f16> {
+    let mut out = Vec::with_capacity(kv.len() * 2 * rows.len() * kv_dim);
+    for (k, v) in kv {
+        for t in [k, v] {
+            let src = &t[rows.start * kv_dim..rows.end * kv_dim];
+            out.extend(src.iter().map(|&x| f16::from_f32(x)));
+        }
+    }
+    out
+}
+
+/// The rows of level `level` for one chunk whose first token is row `base` of `kv`.
+fn downsample(
+    kv: &[(Vec<f32>, Vec<f32>)],
+    base: usize,
+    spans: &[Range<usize>],
+    level: usize,
+    alpha: usize,
+    how: Downsample,
+    kv_dim: usize,
+) -> Vec<f16> {
+    let first = super::layout::node_number(level, 0);
+    let nodes = &spans[first..first + (1 << level)];
+    let rows = level_rows(spans, level, alpha).last().map_or(0, |r| r.end);
+    let mut out = Vec::with_capacity(kv.len() * 2 * rows * kv_dim);
+    let mut acc = vec![0f32; kv_dim];
+    for (k, v) in kv {
+        for t in [k, v] {
+            for s in nodes {
+                let mut g = s.start;
+                while g < s.end {
+                    let end = (g + alpha).min(s.end);
+                    let row = |r: usize| &t[(base + r) * kv_dim..(base + r + 1) * kv_dim];
+                    match how {
+                        Downsample::Strided => {
+                            out.extend(row(g).iter().map(|&x| f16::from_f32(x)));
+                        }
+                        Downsample::Mean => {
+                            acc.copy_from_slice(row(g));
+                            for r in g + 1..end {
+                                acc.iter_mut().zip(row(r)).for_each(|(a, &x)| *a += x);
+                            }
+                            let inv = 1.0 / (end - g) as f32;
+                            out.extend(acc.iter().map(|&a| f16::from_f32(a * inv)));
+                        }
+                    }
+                    g = end;
+                }
+            }
+        }
+    }
+    debug_assert_eq!(out.len(), kv.len() * 2 * rows * kv_dim);
+    out
+}
