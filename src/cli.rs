@@ -8,11 +8,12 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::config::{user_config_path, Config};
+use crate::config::{user_config_path, Config, Positions, SearchSettings};
 use crate::document::{self, LoadOptions, PdfWorkerArgs};
 use crate::engine::session::Progress;
-use crate::engine::{self, AskSettings, EngineError, Method};
+use crate::engine::{self, AskSettings, EngineError, Method, TreeSession};
 use crate::model::{self, DeviceChoice, Llm, SamplingParams};
+use crate::tree::search::{Policy, Scorer};
 use crate::{bench, store, sys};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -44,11 +45,13 @@ enum Command {
         file: PathBuf,
         question: String,
         /// How the document reaches the model.
-        #[arg(long, value_enum, default_value_t = Method::Rag)]
+        #[arg(long, value_enum, default_value_t = Method::Tree)]
         method: Method,
-        /// Print one JSON object (answer, figures) instead of streaming text.
+        /// Print one JSON object (answer, nodes, figures) instead of streaming text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        search: SearchFlags,
         /// Most tokens in the answer.
         #[arg(long)]
         max_tokens: Option<usize>,
@@ -100,6 +103,46 @@ enum Command {
     },
     #[command(name = "__pdf-worker", hide = true)]
     PdfWorker(PdfWorkerArgs),
+}
+
+/// Overrides of `[search]` for one run.
+#[derive(clap::Args, Debug, Default)]
+struct SearchFlags {
+    /// How nodes are scored: paper, hidden, bm25 or hybrid.
+    #[arg(long, value_enum)]
+    scorer: Option<Scorer>,
+    /// budget (best-first under two budgets) or paper (Algorithm 1 per chunk).
+    #[arg(long, value_enum)]
+    policy: Option<Policy>,
+    /// Most injected KV entries (0 = the window minus prompt and answer).
+    #[arg(long)]
+    budget: Option<usize>,
+    /// Most entries at full resolution.
+    #[arg(long)]
+    fine_budget: Option<usize>,
+    /// contiguous or chunk.
+    #[arg(long, value_enum)]
+    positions: Option<Positions>,
+}
+
+impl SearchFlags {
+    fn apply(&self, s: &mut SearchSettings) {
+        if let Some(x) = self.scorer {
+            s.scorer = x;
+        }
+        if let Some(x) = self.policy {
+            s.policy = x;
+        }
+        if let Some(x) = self.budget {
+            s.budget = x;
+        }
+        if let Some(x) = self.fine_budget {
+            s.fine_budget = x;
+        }
+        if let Some(x) = self.positions {
+            s.positions = x;
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -166,9 +209,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
             question,
             method,
             json,
+            search,
             max_tokens,
             temperature,
         } => {
+            search.apply(&mut config.search);
             if let Some(n) = max_tokens {
                 config.generate.max_tokens = n;
             }
@@ -250,6 +295,51 @@ fn load_document(file: &Path, all_notes: bool) -> Result<document::Document> {
     Ok(doc)
 }
 
+fn sampling(config: &Config) -> SamplingParams {
+    let g = &config.generate;
+    SamplingParams {
+        temperature: g.temperature as f32,
+        top_p: g.top_p as f32,
+        seed: g.seed,
+        max_tokens: g.max_tokens,
+    }
+}
+
+/// A document error with its own exit code, or any other engine error with the file named.
+fn engine_error(file: &Path, e: EngineError) -> anyhow::Error {
+    match e {
+        EngineError::Document(d) => anyhow::Error::new(Exit {
+            message: format!("{}: {d}", file.display()),
+            code: d.exit_code(),
+        }),
+        e => anyhow::Error::new(e),
+    }
+}
+
+/// Open (building if needed) the tree of `file`, with progress on stderr.
+fn open_tree(llm: &Llm, config: &Config, file: &Path) -> Result<store::Tree> {
+    let cancel = AtomicBool::new(false);
+    let bar = progress_bar(file);
+    let mut say = |p: &Progress| show_progress(&bar, p);
+    let result = engine::ingest::open_or_build(llm, file, config, false, &mut say, &cancel);
+    bar.finish_and_clear();
+    let (tree, report) = result.map_err(|e| engine_error(file, e))?;
+    if let Some(why) = &report.rebuilt {
+        eprintln!("slm-chat: {why}; rebuilt it");
+    }
+    if report.built {
+        eprintln!(
+            "slm-chat: read {} tokens into {} chunks in {:.1} s ({:.0} tok/s); stored at {}",
+            report.tokens,
+            report.chunks,
+            report.seconds,
+            report.tok_s,
+            report.path.display()
+        );
+    }
+    Ok(tree)
+}
+
 fn ask(
     config: &Config,
     file: &Path,
@@ -257,15 +347,12 @@ fn ask(
     method: Method,
     json: bool,
 ) -> Result<ExitCode> {
+    if method == Method::Tree {
+        return ask_tree(config, file, question, json);
+    }
     let doc = load_document(file, false)?;
     let llm = load_model(config)?;
-    let g = &config.generate;
-    let params = SamplingParams {
-        temperature: g.temperature as f32,
-        top_p: g.top_p as f32,
-        seed: g.seed,
-        max_tokens: g.max_tokens,
-    };
+    let params = sampling(config);
     let cancel = AtomicBool::new(false);
     let mut out = std::io::stdout().lock();
     let mut stream = |piece: &str| {
@@ -322,13 +409,7 @@ fn ingest(config: &Config, files: &[PathBuf], json: bool) -> Result<ExitCode> {
         let mut say = |p: &Progress| show_progress(&bar, p);
         let result = engine::ingest::open_or_build(&llm, file, config, true, &mut say, &cancel);
         bar.finish_and_clear();
-        let (_, r) = result.map_err(|e| match e {
-            EngineError::Document(d) => anyhow::Error::new(Exit {
-                message: format!("{}: {d}", file.display()),
-                code: d.exit_code(),
-            }),
-            e => anyhow::Error::new(e).context(file.display().to_string()),
-        })?;
+        let (_, r) = result.map_err(|e| engine_error(file, e))?;
         if json {
             println!("{}", serde_json::to_string(&r)?);
             continue;
@@ -479,6 +560,67 @@ fn cache(config: &Config, what: CacheCommand) -> Result<ExitCode> {
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ask_tree(config: &Config, file: &Path, question: &str, json: bool) -> Result<ExitCode> {
+    if !file.is_file() {
+        // The document's own loader words this error; run it for the message and exit code.
+        load_document(file, false)?;
+    }
+    let llm = load_model(config)?;
+    let tree = open_tree(&llm, config, file)?;
+    let mut session = TreeSession::new(&llm, tree)?;
+    let params = sampling(config);
+    let cancel = AtomicBool::new(false);
+    let mut out = std::io::stdout().lock();
+    let mut stream = |piece: &str| {
+        if !json {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+    };
+    let mut answer = session.ask(question, &config.search, &params, &cancel, &mut stream);
+    if let Err(EngineError::Store(s)) = &answer {
+        if s.needs_rebuild() {
+            // Damage found in a tensor the question read: build the tree again, once.
+            eprintln!("slm-chat: {s}; building it again");
+            store::remove(session.tree().dir())?;
+            let tree = open_tree(&llm, config, file)?;
+            session = TreeSession::new(&llm, tree)?;
+            answer = session.ask(question, &config.search, &params, &cancel, &mut stream);
+        }
+    }
+    let answer = answer?;
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&answer)?).ok();
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(out).ok();
+    out.flush().ok();
+    let mut best: Vec<&engine::NodeHit> = answer.nodes.iter().filter(|n| n.alpha == 1).collect();
+    best.sort_by(|a, b| b.score.total_cmp(&a.score));
+    for n in best.iter().take(5) {
+        eprintln!(
+            "slm-chat: read in full: chunk {} node {}.{} · pages {}–{} · score {:.2} · {}",
+            n.chunk, n.level, n.index, n.pages.0, n.pages.1, n.score, n.preview
+        );
+    }
+    let m = &answer.memory;
+    eprintln!(
+        "slm-chat: {} · {} nodes ({} entries, {} at full resolution) of {} document tokens · search {:.0} ms · first token {:.0} ms · decode {:.1} tok/s · injected KV {} (full attention: {}) · peak RSS {}",
+        answer.stop,
+        answer.nodes.len(),
+        m.injected_entries.unwrap_or(0),
+        answer.nodes.iter().filter(|n| n.alpha == 1).map(|n| n.tokens.1 - n.tokens.0).sum::<usize>(),
+        answer.document_tokens,
+        answer.timings.search_ms.unwrap_or(0.0),
+        answer.timings.first_token_ms,
+        answer.timings.decode_tok_s,
+        sys::human_bytes(m.injected_bytes.unwrap_or(0) as u64),
+        sys::human_bytes(m.full_attention_kv_bytes.unwrap_or(0) as u64),
+        m.peak_rss_bytes.map(sys::human_bytes).unwrap_or_else(|| "?".into()),
+    );
     Ok(ExitCode::SUCCESS)
 }
 

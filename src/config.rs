@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::model::DeviceChoice;
+use crate::tree::search::{Policy, Scorer};
 
 const ENV_PREFIX: &str = "SLM_CHAT_";
 
@@ -21,7 +22,43 @@ pub struct Config {
     pub rag: RagSettings,
     pub tree: TreeSettings,
     pub store: StoreSettings,
+    pub search: SearchSettings,
     pub paths: PathSettings,
+}
+
+/// Where injected entries sit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Positions {
+    /// Consecutive positions after the prompt prefix, in document order.
+    Contiguous,
+    /// The paper's chunk-level ids: every entry of the i-th chunk at one position.
+    Chunk,
+}
+
+/// `[search]`: which nodes a question pulls in, and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SearchSettings {
+    pub scorer: Scorer,
+    pub policy: Policy,
+    /// Most injected entries; 0 = the model's window minus the prompt and the answer.
+    pub budget: usize,
+    /// Most entries at full resolution (`budget` policy).
+    pub fine_budget: usize,
+    pub positions: Positions,
+}
+
+impl Default for SearchSettings {
+    fn default() -> Self {
+        Self {
+            scorer: Scorer::Hybrid,
+            policy: Policy::Budget,
+            budget: 0,
+            fine_budget: 1536,
+            positions: Positions::Contiguous,
+        }
+    }
 }
 
 /// How a node's tokens are reduced to one KV entry per α tokens.

@@ -15,5 +15,7 @@ mod generate;
 mod document;
 // The context tree: encoder equals a plain forward; store resume and damage.
 mod tree;
+// METHOD.md checks A, B, E through store, search and injection.
+mod tree_answer;
 // The real binary: ask, bench, and bad model input.
 mod cli;

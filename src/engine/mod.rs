@@ -19,6 +19,9 @@ use crate::tree::{chunk, Bm25};
 
 pub mod ingest;
 pub mod session;
+mod tree_answer;
+
+pub use tree_answer::{NodeHit, Prepared, TreeSession};
 
 /// What the model is told about its job. Short: a 135M model follows short instructions best.
 pub const SYSTEM_PROMPT: &str = "You answer questions about a document. Use only the document. \
@@ -36,12 +39,18 @@ const CUT_MARK: &str = "\n\n[…]\n\n";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
+    /// The context tree: the question's best nodes at fine grain, the rest coarse, injected
+    /// as KV (SharedLLM, training-free).
+    Tree,
     /// Keep the start and the end of the document, cut the middle, full attention.
     Truncate,
     /// The whole document; an error when it does not fit the model's window.
     Full,
     /// The chunks that best match the question (BM25), in document order, as text.
     Rag,
+    /// StreamingLLM's state after reading the document: the prompt's first tokens as the
+    /// attention sink and the most recent document tokens that fit.
+    Stream,
 }
 
 /// How `ask` builds its prompt, beyond the method.
@@ -82,6 +91,8 @@ pub enum EngineError {
     EmptyQuestion,
     #[error("no passage of the document shares a word with the question; rephrase it, or use --method truncate")]
     NothingMatches,
+    #[error("the tree method answers through a TreeSession over a stored tree")]
+    NeedsTree,
     #[error("the document has no text to read")]
     EmptyDocument,
     #[error("stopped")]
@@ -92,6 +103,12 @@ pub enum EngineError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Document(#[from] crate::document::DocumentError),
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Model(e.into())
+    }
 }
 
 /// A finished answer with its figures.
@@ -105,6 +122,9 @@ pub struct Answer {
     pub kept_tokens: usize,
     /// For `rag`: the passages used, best first.
     pub sources: Vec<Source>,
+    /// For `tree`: the injected nodes in document order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeHit>,
     pub prompt_tokens: usize,
     pub timings: Timings,
     pub memory: Memory,
@@ -113,6 +133,9 @@ pub struct Answer {
 /// How long the answer took.
 #[derive(Debug, Clone, Serialize)]
 pub struct Timings {
+    /// For `tree`: scoring and choosing the nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search_ms: Option<f64>,
     pub first_token_ms: f64,
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
@@ -127,6 +150,19 @@ pub struct Memory {
     pub kv_bytes: usize,
     pub weight_bytes: usize,
     pub peak_rss_bytes: Option<u64>,
+    /// For `tree`: KV entries injected and their bytes in the cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub injected_entries: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub injected_bytes: Option<usize>,
+    /// For `tree`: the f16 KV full attention over the whole document would need.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_attention_kv_bytes: Option<usize>,
+    /// For `tree`: the stored tree on disk, and how much of it is mapped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mapped_bytes: Option<u64>,
 }
 
 /// The prompt split around the document: `prefix ++ document ++ suffix`.
@@ -191,7 +227,12 @@ pub fn ask(
             sources = chosen;
             (kept, seen)
         }
+        Method::Tree => return Err(EngineError::NeedsTree),
         _ if doc_tokens.len() <= room => (doc_tokens.to_vec(), doc_tokens.len()),
+        Method::Stream => {
+            let kept = doc_tokens[doc_tokens.len() - room..].to_vec();
+            (kept, room)
+        }
         Method::Full => {
             return Err(EngineError::TooLong {
                 doc: doc_tokens.len(),
@@ -231,12 +272,18 @@ pub fn ask(
         document_tokens: doc_tokens.len(),
         kept_tokens: seen,
         sources,
+        nodes: Vec::new(),
         prompt_tokens: prompt.len(),
         timings: timings(&gen.stats, start),
         memory: Memory {
             kv_bytes: cache.bytes(),
             weight_bytes: llm.model.weight_bytes(),
             peak_rss_bytes: crate::sys::peak_rss_bytes(),
+            injected_entries: None,
+            injected_bytes: None,
+            full_attention_kv_bytes: None,
+            store_bytes: None,
+            mapped_bytes: None,
         },
     })
 }
@@ -308,6 +355,7 @@ pub fn preview(text: &str) -> String {
 
 fn timings(s: &GenerationStats, start: Instant) -> Timings {
     Timings {
+        search_ms: None,
         first_token_ms: s.first_token_secs * 1e3,
         prefill_tok_s: s.prefill_tok_s(),
         decode_tok_s: s.decode_tok_s(),

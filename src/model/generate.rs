@@ -169,8 +169,9 @@ pub fn generate(
         ..Default::default()
     };
     let window = model.config().context_length;
-    let prompted = cache.len() + prompt.len();
-    cache.reserve((prompted + params.max_tokens).min(window.max(prompted)))?;
+    let prompted = cache.next_position() + prompt.len();
+    let answer_room = params.max_tokens.min(window.saturating_sub(prompted));
+    cache.reserve(cache.len() + prompt.len() + answer_room)?;
     let mut logits = model.prefill(prompt, cache)?;
     stats.prefill_secs = start.elapsed().as_secs_f64();
     let mut sampler = Sampler::new(params.clone());
@@ -204,7 +205,7 @@ pub fn generate(
         if tokens.len() >= params.max_tokens {
             break StopReason::MaxTokens;
         }
-        if cache.len() >= window {
+        if cache.next_position() >= window {
             break StopReason::ContextFull;
         }
         logits = model.prefill(&[next], cache)?;

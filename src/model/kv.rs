@@ -24,6 +24,9 @@ struct LayerKv {
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     lens: Vec<usize>,
+    /// Position of the next token minus `len()`: non-zero when injected entries share
+    /// positions (the paper's chunk-level ids).
+    shift: i64,
     n_kv_head: usize,
     head_dim: usize,
     device: Device,
@@ -34,6 +37,7 @@ impl KvCache {
         Self {
             layers: (0..n_layer).map(|_| None).collect(),
             lens: vec![0; n_layer],
+            shift: 0,
             n_kv_head,
             head_dim,
             device: device.clone(),
@@ -64,6 +68,16 @@ impl KvCache {
         self.lens.first().copied().unwrap_or(0)
     }
 
+    /// The position the next token run through this cache takes.
+    pub fn next_position(&self) -> usize {
+        (self.len() as i64 + self.shift).max(0) as usize
+    }
+
+    /// Make the next token take position `pos` (later tokens follow it).
+    pub fn set_next_position(&mut self, pos: usize) {
+        self.shift = pos as i64 - self.len() as i64;
+    }
+
     /// No entries yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -85,6 +99,7 @@ impl KvCache {
             self.head_dim,
             &self.device,
         );
+        out.shift = self.shift;
         for (i, layer) in self.layers.iter().enumerate() {
             if let Some(l) = layer {
                 let n = self.lens[i];

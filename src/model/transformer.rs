@@ -471,7 +471,7 @@ impl Model {
         // activations held at once are those of one piece, not of the whole prompt.
         let mut hidden = None;
         for piece in tokens.chunks(PREFILL_PIECE) {
-            let start = cache.len() as u32;
+            let start = cache.next_position() as u32;
             let positions: Vec<u32> = (start..start + piece.len() as u32).collect();
             let x = self.embed(piece)?;
             hidden = Some(

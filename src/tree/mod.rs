@@ -8,6 +8,7 @@ mod bm25;
 mod chunk;
 mod encode;
 pub mod layout;
+pub mod search;
 
 pub use bm25::{terms, Bm25};
 pub use chunk::{chunk, Chunk};

@@ -1,0 +1,388 @@
+//! Answering from a stored context tree: score the nodes, choose what to inject, put the
+//! chosen KV into the upper model's cache at its positions, and generate (METHOD.md,
+//! "Search" and "Injection").
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use half::f16;
+use serde::Serialize;
+
+use super::{prompt_parts, timings, Answer, EngineError, Memory, Method, PromptParts};
+use crate::config::{Positions, SearchSettings};
+use crate::model::{generate, Forward, KvCache, LayerKv, Llm, SamplingParams};
+use crate::store::Tree;
+use crate::tree::layout::{level_rows, node_number, node_spans};
+use crate::tree::search::{self, Budget, Index, Query, Selected, Shape};
+use crate::tree::Encoder;
+
+/// A node that went into an answer, as `ask --json` and the TUI show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeHit {
+    pub chunk: usize,
+    pub level: usize,
+    pub index: usize,
+    pub alpha: usize,
+    pub score: f32,
+    /// Document token range `[start, end)`.
+    pub tokens: (usize, usize),
+    /// Byte range of its text.
+    pub chars: (usize, usize),
+    pub pages: (u32, u32),
+    pub preview: String,
+}
+
+/// A question's upper-model cache, ready for its suffix.
+pub struct Prepared {
+    pub cache: KvCache,
+    /// The prompt after the document: the question and the start of the answer turn.
+    pub suffix: Vec<u32>,
+    pub selected: Vec<Selected>,
+    pub entries: usize,
+    pub search_ms: f64,
+    pub prepare_ms: f64,
+}
+
+/// An open tree ready for questions. Keeps the prompt prefix's KV and any leaves re-encoded
+/// for earlier questions.
+pub struct TreeSession<'a> {
+    llm: &'a Llm,
+    tree: Tree,
+    /// Prompt prefix (= the sink chunks were encoded after) run through every layer.
+    prefix: KvCache,
+    prefix_len: usize,
+    node_lens: Vec<Vec<usize>>,
+    /// Full-resolution KV of chunks re-encoded for earlier questions (trees without leaves).
+    reencoded: HashMap<usize, Vec<f16>>,
+    /// Document tokens the lower model has run over since the tree was opened.
+    lower_tokens: usize,
+}
+
+impl<'a> TreeSession<'a> {
+    pub fn new(llm: &'a Llm, tree: Tree) -> Result<Self, EngineError> {
+        let sink = &tree.manifest().plan.config.sink;
+        let mut prefix = llm.model.new_cache();
+        llm.model.prefill(sink, &mut prefix)?;
+        let node_lens = tree
+            .manifest()
+            .plan
+            .chunks
+            .iter()
+            .map(|c| c.nodes.iter().map(|n| n.tokens.1 - n.tokens.0).collect())
+            .collect();
+        Ok(Self {
+            llm,
+            prefix_len: sink.len(),
+            tree,
+            prefix,
+            node_lens,
+            reencoded: HashMap::new(),
+            lower_tokens: 0,
+        })
+    }
+
+    pub fn tree(&self) -> &Tree {
+        &self.tree
+    }
+
+    /// Document tokens the lower model has encoded since the tree was opened (check E).
+    pub fn lower_model_tokens(&self) -> usize {
+        self.lower_tokens
+    }
+
+    /// The entry budget a question gets under `settings`.
+    pub fn budget(&self, settings: &SearchSettings, suffix: usize, answer: usize) -> Budget {
+        let window = self.llm.model.config().context_length;
+        let room = window.saturating_sub(self.prefix_len + suffix + answer);
+        Budget {
+            total: if settings.budget == 0 {
+                room
+            } else {
+                settings.budget.min(room)
+            },
+            fine: settings.fine_budget,
+        }
+    }
+
+    /// Search the tree for `question` and build the upper model's cache: the prompt prefix,
+    /// then the chosen nodes' KV. The returned suffix (question and answer start) is what
+    /// runs next.
+    pub fn prepare(
+        &mut self,
+        question: &str,
+        settings: &SearchSettings,
+        answer_tokens: usize,
+    ) -> Result<Prepared, EngineError> {
+        let start = Instant::now();
+        let question = question.trim();
+        if question.is_empty() {
+            return Err(EngineError::EmptyQuestion);
+        }
+        let parts = prompt_parts(self.llm, question)?;
+        if parts.prefix.as_slice() != self.tree.manifest().plan.config.sink.as_slice() {
+            return Err(EngineError::Model(crate::model::ModelError::Input(
+                "the tree was encoded after a different prompt; build it again".into(),
+            )));
+        }
+        let budget = self.budget(settings, parts.suffix.len(), answer_tokens);
+        let selected = self.search(question, &parts, settings, budget)?;
+        let search_ms = start.elapsed().as_secs_f64() * 1e3;
+        let mut cache = self.prefix.fork()?;
+        let entries: usize = selected.iter().map(|s| s.entries).sum();
+        cache.reserve(self.prefix_len + entries + parts.suffix.len() + answer_tokens)?;
+        self.inject(&selected, settings.positions, &mut cache)?;
+        Ok(Prepared {
+            cache,
+            suffix: parts.suffix,
+            selected,
+            entries,
+            search_ms,
+            prepare_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Answer `question`, streaming the text to `on_text`.
+    pub fn ask(
+        &mut self,
+        question: &str,
+        settings: &SearchSettings,
+        params: &SamplingParams,
+        cancel: &AtomicBool,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Answer, EngineError> {
+        let start = Instant::now();
+        let mut p = self.prepare(question, settings, params.max_tokens)?;
+        let gen = generate(
+            &self.llm.model,
+            &self.llm.tokenizer,
+            &p.suffix,
+            &mut p.cache,
+            params,
+            cancel,
+            on_text,
+        )?;
+        let plan = &self.tree.manifest().plan;
+        let kv_per_token = plan.config.layers * 2 * plan.kv_dim;
+        let mut t = timings(&gen.stats, start);
+        // Time to first token counts from the question: search and injection included.
+        t.first_token_ms += p.prepare_ms;
+        t.search_ms = Some(p.search_ms);
+        let nodes = p.selected.iter().map(|s| self.hit(s)).collect();
+        Ok(Answer {
+            answer: gen.text.trim().to_string(),
+            method: Method::Tree,
+            stop: gen.stop,
+            document_tokens: plan.tokens,
+            kept_tokens: p
+                .selected
+                .iter()
+                .map(|s| self.node_lens[s.chunk][node_number(s.level, s.index)])
+                .sum(),
+            sources: Vec::new(),
+            nodes,
+            prompt_tokens: self.prefix_len + p.suffix.len(),
+            timings: t,
+            memory: Memory {
+                kv_bytes: p.cache.bytes(),
+                weight_bytes: self.llm.model.weight_bytes(),
+                peak_rss_bytes: crate::sys::peak_rss_bytes(),
+                injected_entries: Some(p.entries),
+                injected_bytes: Some(p.entries * kv_per_token * 4),
+                full_attention_kv_bytes: Some(plan.tokens * kv_per_token * 2),
+                store_bytes: Some(self.tree.disk_bytes()),
+                mapped_bytes: Some(self.tree.mapped_bytes()),
+            },
+        })
+    }
+
+    /// Score every node and choose what to inject.
+    fn search(
+        &self,
+        question: &str,
+        parts: &PromptParts,
+        settings: &SearchSettings,
+        budget: Budget,
+    ) -> Result<Vec<Selected>, EngineError> {
+        let plan = &self.tree.manifest().plan;
+        let m = &self.llm.model;
+        let needs_vectors = !matches!(settings.scorer, search::Scorer::Bm25);
+        let (paper, hidden) = if needs_vectors {
+            (self.paper_query(parts)?, self.hidden_query(question)?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let index = Index {
+            paper: self.tree.paper_vectors(),
+            hidden: self.tree.hidden_vectors(),
+            d: m.config().d_model,
+            bm25: (0..=plan.config.height)
+                .filter_map(|w| self.tree.bm25(w))
+                .collect(),
+        };
+        let shape = Shape {
+            height: plan.config.height,
+            alpha: &plan.config.alpha,
+            node_lens: &self.node_lens,
+        };
+        let query = Query {
+            paper: &paper,
+            hidden: &hidden,
+            text: question,
+        };
+        let scores = search::score(settings.scorer, &index, &query, &shape);
+        Ok(search::select(settings.policy, &scores, &shape, budget))
+    }
+
+    /// The paper's query: the upper model's layer-0 output at the prompt's last token.
+    fn paper_query(&self, parts: &PromptParts) -> Result<Vec<f32>, EngineError> {
+        let m = &self.llm.model;
+        let tokens = [&parts.prefix[..], &parts.suffix[..]].concat();
+        let positions: Vec<u32> = (0..tokens.len() as u32).collect();
+        let f = Forward {
+            positions: &positions,
+            segments: None,
+            layers: 0..1,
+            keep_kv: false,
+            keep_hidden: &[],
+        };
+        let out = m.forward(&m.embed(&tokens)?, &f, &mut m.new_cache())?;
+        Ok(out
+            .hidden
+            .narrow(0, tokens.len() - 1, 1)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    }
+
+    /// The question's mean hidden state at the tree's vector layer, encoded like a chunk.
+    fn hidden_query(&self, question: &str) -> Result<Vec<f32>, EngineError> {
+        let m = &self.llm.model;
+        let layer = self.tree.manifest().plan.config.vector_layer;
+        let ids = self.llm.tokenizer.encode(question, false)?;
+        if ids.is_empty() {
+            return Err(EngineError::EmptyQuestion);
+        }
+        let p = self.prefix_len as u32;
+        let positions: Vec<u32> = (p..p + ids.len() as u32).collect();
+        let f = Forward {
+            positions: &positions,
+            segments: None,
+            layers: 0..layer + 1,
+            keep_kv: false,
+            keep_hidden: &[],
+        };
+        let out = m.forward(&m.embed(&ids)?, &f, &mut self.prefix.fork()?)?;
+        Ok(out.hidden.mean(0)?.to_vec1::<f32>()?)
+    }
+
+    /// Put the selected nodes' KV into `cache` after the prefix.
+    fn inject(
+        &mut self,
+        selected: &[Selected],
+        positions: Positions,
+        cache: &mut KvCache,
+    ) -> Result<(), EngineError> {
+        let plan = self.tree.manifest().plan.clone();
+        let (layers, kv_dim) = (plan.config.layers, plan.kv_dim);
+        // Leaves the tree does not keep are encoded now, once per chunk per session.
+        for s in selected.iter().filter(|s| s.alpha == 1) {
+            if self.tree.full(s.chunk)?.is_none() && !self.reencoded.contains_key(&s.chunk) {
+                let (a, b) = plan.chunks[s.chunk].tokens();
+                let encoder = Encoder::new(&self.llm.model, plan.config.clone())?;
+                let kv = encoder.encode_full(&self.tree.tokens()[a..b])?;
+                self.lower_tokens += b - a;
+                self.reencoded.insert(s.chunk, kv);
+            }
+        }
+        // Per node: its source `(layers, 2, rows, kv_dim)` and the rows it takes.
+        let mut sources: Vec<(&[f16], usize, std::ops::Range<usize>)> = Vec::new();
+        for s in selected {
+            let len = self.node_lens[s.chunk][0];
+            let spans = node_spans(len, plan.config.height);
+            if s.alpha == 1 {
+                let full = match self.tree.full(s.chunk)? {
+                    Some(f) => f,
+                    None => self
+                        .reencoded
+                        .get(&s.chunk)
+                        .map(Vec::as_slice)
+                        .unwrap_or(&[]),
+                };
+                sources.push((full, len, spans[node_number(s.level, s.index)].clone()));
+            } else {
+                let rows = level_rows(&spans, s.level, s.alpha);
+                let total = rows.last().map_or(0, |r| r.end);
+                sources.push((
+                    self.tree.level(s.chunk, s.level)?,
+                    total,
+                    rows[s.index].clone(),
+                ));
+            }
+        }
+        let n: usize = sources.iter().map(|s| s.2.len()).sum();
+        if n == 0 {
+            return Ok(());
+        }
+        let p = self.prefix_len;
+        let pos: Vec<u32> = match positions {
+            Positions::Contiguous => (p..p + n).map(|x| x as u32).collect(),
+            Positions::Chunk => {
+                let mut out = Vec::with_capacity(n);
+                let mut rank = 0;
+                let mut last = None;
+                for (s, src) in selected.iter().zip(&sources) {
+                    if last.is_some_and(|c| c != s.chunk) {
+                        rank += 1;
+                    }
+                    last = Some(s.chunk);
+                    out.extend(std::iter::repeat_n((p + rank) as u32, src.2.len()));
+                }
+                out
+            }
+        };
+        let next = match positions {
+            Positions::Contiguous => p + n,
+            Positions::Chunk => pos.last().map_or(p, |&x| x as usize + 1),
+        };
+        let device = self.llm.model.device().clone();
+        let mut k = vec![0f32; n * kv_dim];
+        let mut v = vec![0f32; n * kv_dim];
+        for layer in 0..layers {
+            let mut at = 0;
+            for (src, rows, take) in &sources {
+                for (part, dst) in [(0, &mut k), (1, &mut v)] {
+                    let base = ((layer * 2 + part) * rows + take.start) * kv_dim;
+                    let from = &src[base..base + take.len() * kv_dim];
+                    let to = &mut dst[at * kv_dim..(at + take.len()) * kv_dim];
+                    for (t, f) in to.iter_mut().zip(from) {
+                        *t = f.to_f32();
+                    }
+                }
+                at += take.len();
+            }
+            let kv = LayerKv {
+                k: Tensor::from_slice(&k, (n, kv_dim), &device)?,
+                v: Tensor::from_slice(&v, (n, kv_dim), &device)?,
+            };
+            self.llm.model.inject(cache, layer, &kv, &pos)?;
+        }
+        cache.set_next_position(next);
+        Ok(())
+    }
+
+    fn hit(&self, s: &Selected) -> NodeHit {
+        let node = &self.tree.manifest().plan.chunks[s.chunk].nodes[node_number(s.level, s.index)];
+        NodeHit {
+            chunk: s.chunk,
+            level: s.level,
+            index: s.index,
+            alpha: s.alpha,
+            score: s.score,
+            tokens: node.tokens,
+            chars: node.chars,
+            pages: node.pages,
+            preview: super::preview(&self.tree.text()[node.chars.0..node.chars.1]),
+        }
+    }
+}

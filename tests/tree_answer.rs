@@ -1,0 +1,222 @@
+//! METHOD.md checks A, B and E through the whole tree path on the real default model:
+//! ingest to a store on disk, open it, search, inject the stored f16 KV, run the question.
+
+use std::sync::atomic::AtomicBool;
+
+use candle_core::Tensor;
+use slm_chat::config::{Config, FullKv, SearchSettings};
+use slm_chat::engine::ingest::open_or_build;
+use slm_chat::engine::{sink_prefix, TreeSession};
+use slm_chat::model::{Forward, SamplingParams};
+use slm_chat::store::Tree;
+
+use crate::util::{default_model, llm, shared};
+
+struct Built {
+    _cache: tempfile::TempDir,
+    _dir: tempfile::TempDir,
+    tree: Tree,
+}
+
+fn build(chars: usize, chunk_tokens: usize, full_kv: FullKv) -> Built {
+    let text = std::fs::read_to_string(shared().join("corpus/books/emma.txt")).expect("book");
+    let start = text.find("Emma Woodhouse, handsome").unwrap_or(0);
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("emma.txt");
+    std::fs::write(&file, &text[start..start + chars]).expect("write");
+    let cache = tempfile::tempdir().expect("tmp");
+    let mut config = Config::default();
+    config.paths.cache_dir = cache.path().to_string_lossy().into_owned();
+    config.model.path = default_model().to_string_lossy().into_owned();
+    config.tree.chunk_tokens = chunk_tokens;
+    config.store.full_kv = full_kv;
+    let (tree, _) = open_or_build(
+        llm(),
+        &file,
+        &config,
+        false,
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .expect("ingest");
+    Built {
+        _cache: cache,
+        _dir: dir,
+        tree,
+    }
+}
+
+/// Everything at full resolution.
+fn everything() -> SearchSettings {
+    SearchSettings {
+        budget: 100_000,
+        fine_budget: 100_000,
+        ..SearchSettings::default()
+    }
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.max(0))
+        .and_then(|m| m.to_scalar::<f32>())
+        .expect("diff")
+}
+
+fn argmax(t: &Tensor) -> u32 {
+    t.argmax(0)
+        .and_then(|a| a.to_scalar::<u32>())
+        .expect("argmax")
+}
+
+const QUESTION: &str = "Who is Emma's governess?";
+
+/// Logits after the suffix, through the tree.
+fn tree_logits(
+    built: Built,
+    chunk_check: impl Fn(&Tree),
+) -> (Tensor, Vec<u32>, Vec<u32>, Vec<(usize, usize)>) {
+    chunk_check(&built.tree);
+    let doc = built.tree.tokens().to_vec();
+    let chunks: Vec<(usize, usize)> = built
+        .tree
+        .manifest()
+        .plan
+        .chunks
+        .iter()
+        .map(|c| c.tokens())
+        .collect();
+    let mut session = TreeSession::new(llm(), built.tree).expect("session");
+    let mut p = session
+        .prepare(QUESTION, &everything(), 32)
+        .expect("prepare");
+    assert!(
+        p.selected.iter().all(|s| s.alpha == 1),
+        "all at full resolution"
+    );
+    assert_eq!(p.entries, doc.len());
+    let logits = llm()
+        .model
+        .prefill(&p.suffix, &mut p.cache)
+        .expect("suffix");
+    (logits, doc, p.suffix, chunks)
+}
+
+/// Check A: one chunk covering the whole document, α = 1, M = N, contiguous positions: the
+/// logits equal a plain forward over prefix + document + question.
+#[test]
+fn check_a_tree_answer_equals_a_plain_forward() {
+    let built = build(1_200, 512, FullKv::Always);
+    let (got, doc, suffix, _) = tree_logits(built, |t| {
+        assert_eq!(t.manifest().plan.chunks.len(), 1, "one chunk");
+    });
+    let m = &llm().model;
+    let all = [sink_prefix(llm()).expect("sink"), doc, suffix].concat();
+    let want = m.prefill(&all, &mut m.new_cache()).expect("plain");
+    let d = max_diff(&got, &want);
+    eprintln!("check A through the store: max |Δlogit| = {d}");
+    // The store keeps K and V in f16 (K before RoPE, as METHOD.md asks): the cache then
+    // holds a rounded key rotated and rounded again, where the plain forward rounds once.
+    // Keys reach |k| ≈ 100 here, where one f16 step is 0.06; measured 0.74 on logits of
+    // magnitude ~20, with the same greedy token. With f32 KV (model-level test) it is exact.
+    assert!(d < 1.0, "max |Δlogit| {d}");
+    assert_eq!(argmax(&got), argmax(&want));
+}
+
+/// Check B: several chunks, α = 1: equal to encoding each chunk on its own after the prefix
+/// (a block-diagonal mask, positions local to the chunk), then the question seeing all of
+/// them at contiguous positions — built here from plain forwards, without the encoder,
+/// the store or the search.
+#[test]
+fn check_b_chunks_equal_separate_forwards() {
+    let built = build(1_500, 96, FullKv::Always);
+    let (got, doc, suffix, chunks) = tree_logits(built, |t| {
+        assert!(t.manifest().plan.chunks.len() >= 3, "several chunks");
+    });
+    let m = &llm().model;
+    let prefix = sink_prefix(llm()).expect("sink");
+    let p = prefix.len();
+    let mut keys: Vec<Vec<Tensor>> = vec![Vec::new(); m.config().n_layer];
+    let mut values: Vec<Vec<Tensor>> = vec![Vec::new(); m.config().n_layer];
+    for &(a, b) in &chunks {
+        let tokens = [&prefix[..], &doc[a..b]].concat();
+        let positions: Vec<u32> = (0..tokens.len() as u32).collect();
+        let f = Forward {
+            keep_kv: true,
+            ..Forward::all(m, &positions)
+        };
+        let out = m
+            .forward(&m.embed(&tokens).expect("embed"), &f, &mut m.new_cache())
+            .expect("chunk");
+        for (l, kv) in out.kv.iter().enumerate() {
+            keys[l].push(kv.k.narrow(0, p, b - a).expect("k"));
+            values[l].push(kv.v.narrow(0, p, b - a).expect("v"));
+        }
+    }
+    let mut cache = m.new_cache();
+    m.prefill(&prefix, &mut cache).expect("prefix");
+    let positions: Vec<u32> = (p as u32..(p + doc.len()) as u32).collect();
+    for l in 0..m.config().n_layer {
+        let kv = slm_chat::model::LayerKv {
+            k: Tensor::cat(&keys[l], 0).expect("cat"),
+            v: Tensor::cat(&values[l], 0).expect("cat"),
+        };
+        m.inject(&mut cache, l, &kv, &positions).expect("inject");
+    }
+    let want = m.prefill(&suffix, &mut cache).expect("question");
+    let d = max_diff(&got, &want);
+    eprintln!("check B through the store: max |Δlogit| = {d}");
+    assert!(d < 1.0, "max |Δlogit| {d}");
+    assert_eq!(argmax(&got), argmax(&want));
+    // And it is not the plain causal forward: the chunks really are independent.
+    let plain = m
+        .prefill(&[prefix, doc, suffix].concat(), &mut m.new_cache())
+        .expect("plain");
+    assert!(max_diff(&plain, &want) > 1.0);
+}
+
+/// Check E: a second question on a loaded tree never runs the lower model over the whole
+/// document; with leaves kept it never runs it at all, without them only over the chunks
+/// whose leaves a question reads (each once).
+#[test]
+fn check_e_asking_again_reuses_the_tree() {
+    let params = SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        max_tokens: 4,
+    };
+    let cancel = AtomicBool::new(false);
+    for full in [FullKv::Always, FullKv::Never] {
+        let built = build(6_000, 256, full);
+        let doc_tokens = built.tree.tokens().len();
+        let mut s = TreeSession::new(llm(), built.tree).expect("session");
+        let settings = SearchSettings {
+            fine_budget: 200,
+            ..SearchSettings::default()
+        };
+        s.ask(QUESTION, &settings, &params, &cancel, &mut |_| {})
+            .expect("first");
+        let after_one = s.lower_model_tokens();
+        s.ask(QUESTION, &settings, &params, &cancel, &mut |_| {})
+            .expect("second");
+        s.ask(
+            "What did Mr. Woodhouse think of marriage?",
+            &settings,
+            &params,
+            &cancel,
+            &mut |_| {},
+        )
+        .expect("third");
+        let after_three = s.lower_model_tokens();
+        match full {
+            FullKv::Never => {
+                assert!(
+                    after_one > 0 && after_one < doc_tokens / 2,
+                    "{after_one} of {doc_tokens}"
+                );
+                assert!(after_three < doc_tokens, "{after_three} of {doc_tokens}");
+            }
+            _ => assert_eq!(after_three, 0),
+        }
+    }
+}
