@@ -98,7 +98,12 @@ fn tree_logits(
         .model
         .prefill(&p.suffix, &mut p.cache)
         .expect("suffix");
-    (logits, doc, p.suffix, chunks)
+    TreeRun {
+        logits,
+        doc,
+        suffix: p.suffix,
+        chunks,
+    }
 }
 
 /// Check A: one chunk covering the whole document, α = 1, M = N, contiguous positions: the
@@ -106,7 +111,12 @@ fn tree_logits(
 #[test]
 fn check_a_tree_answer_equals_a_plain_forward() {
     let built = build(1_200, 512, FullKv::Always);
-    let (got, doc, suffix, _) = tree_logits(built, |t| {
+    let TreeRun {
+        logits: got,
+        doc,
+        suffix,
+        ..
+    } = tree_logits(built, |t| {
         assert_eq!(t.manifest().plan.chunks.len(), 1, "one chunk");
     });
     let m = &llm().model;
@@ -129,7 +139,12 @@ fn check_a_tree_answer_equals_a_plain_forward() {
 #[test]
 fn check_b_chunks_equal_separate_forwards() {
     let built = build(1_500, 96, FullKv::Always);
-    let (got, doc, suffix, chunks) = tree_logits(built, |t| {
+    let TreeRun {
+        logits: got,
+        doc,
+        suffix,
+        chunks,
+    } = tree_logits(built, |t| {
         assert!(t.manifest().plan.chunks.len() >= 3, "several chunks");
     });
     let m = &llm().model;
