@@ -70,11 +70,16 @@ fn argmax(t: &Tensor) -> u32 {
 
 const QUESTION: &str = "Who is Emma's governess?";
 
+/// What the tree path gave, and what a reference needs to recompute it.
+struct TreeRun {
+    logits: Tensor,
+    doc: Vec<u32>,
+    suffix: Vec<u32>,
+    chunks: Vec<(usize, usize)>,
+}
+
 /// Logits after the suffix, through the tree.
-fn tree_logits(
-    built: Built,
-    chunk_check: impl Fn(&Tree),
-) -> (Tensor, Vec<u32>, Vec<u32>, Vec<(usize, usize)>) {
+fn tree_logits(built: Built, chunk_check: impl Fn(&Tree)) -> TreeRun {
     chunk_check(&built.tree);
     let doc = built.tree.tokens().to_vec();
     let chunks: Vec<(usize, usize)> = built
