@@ -15,3 +15,5 @@ mod generate;
 mod document;
 // The real binary: ask, bench, and bad model input.
 mod cli;
+// The terminal app: screen snapshots from scripted events, and the real binary in tmux.
+mod tui;

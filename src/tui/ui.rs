@@ -250,12 +250,13 @@ fn chat_rows(app: &App, width: usize, need: usize) -> (Vec<Line<'static>>, bool)
     for (i, t) in app.turns.iter().enumerate().rev() {
         let mut b = question_lines(&t.question, you);
         b.extend(app.rendered.get(i).into_iter().flatten().cloned());
-        let pages: Vec<String> = t
-            .sources
-            .iter()
-            .take(4)
-            .map(|s| format!("p.{}", page_range(s.pages)))
-            .collect();
+        let mut pages: Vec<String> = Vec::new();
+        for s in &t.sources {
+            let p = format!("p.{}", page_range(s.pages));
+            if !pages.contains(&p) && pages.len() < 4 {
+                pages.push(p);
+            }
+        }
         let mut m = format!("  — {}", t.stop);
         if !pages.is_empty() {
             m.push_str(&format!(" · {}", pages.join(", ")));
