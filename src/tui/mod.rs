@@ -45,6 +45,11 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 
 /// Run the TUI on `opts.file` until the user quits.
 pub fn run(opts: Options) -> Result<()> {
+    // Document problems (unreadable, not a PDF, …) are shown inside the app; a path that
+    // is not there at all is a typo better answered before the screen is taken over.
+    if !opts.file.is_file() {
+        anyhow::bail!("{}: no such file", opts.file.display());
+    }
     if !std::io::stdout().is_terminal() {
         return Err(crate::cli::Exit {
             message: format!(
@@ -55,11 +60,6 @@ pub fn run(opts: Options) -> Result<()> {
             code: 2,
         }
         .into());
-    }
-    // Document problems (unreadable, not a PDF, …) are shown inside the app; a path that
-    // is not there at all is a typo better answered before the screen is taken over.
-    if !opts.file.is_file() {
-        anyhow::bail!("{}: no such file", opts.file.display());
     }
     let log_path = opts.config.cache_dir().join("logs").join("slm-chat.log");
     let _log_guard = init_logging(&log_path)?;
