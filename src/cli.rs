@@ -18,9 +18,7 @@ use crate::{bench, sys};
 #[command(
     name = "slm-chat",
     version,
-    about = "Ask questions about long documents and whole books with a small local model",
-    args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
+    about = "Ask questions about long documents and whole books with a small local model"
 )]
 pub struct Args {
     /// A GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct, fetched on first use).

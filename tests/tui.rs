@@ -429,3 +429,35 @@ fn tui_end_to_end_in_tmux_with_the_real_model() {
     let saved = std::fs::read_dir(&history).map(|d| d.count()).unwrap_or(0);
     assert_eq!(saved, 1, "one history file in {}", history.display());
 }
+
+/// Without a terminal the app refuses in one line and points to `ask`; a missing file and
+/// a missing FILE are one line too. Global flags before FILE still parse.
+#[test]
+fn tui_refuses_without_a_terminal_in_one_line() {
+    let book = corpus("books/emma.txt");
+    let run = |args: &[&std::ffi::OsStr]| {
+        let o = Command::new(exe())
+            .args(args)
+            .output()
+            .expect("run slm-chat");
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--device".as_ref(), "cpu".as_ref(), book.as_os_str()]);
+    assert_eq!(code, Some(2));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("not a terminal") && err.contains("slm-chat ask"),
+        "{err}"
+    );
+    let (code, err) = run(&["/no/such/book.pdf".as_ref()]);
+    assert_eq!(
+        (code, err.trim()),
+        (Some(2), "slm-chat: /no/such/book.pdf: no such file")
+    );
+    let (code, err) = run(&[]);
+    assert_eq!(code, Some(2));
+    assert!(err.starts_with("slm-chat: give a FILE"), "{err}");
+}
