@@ -33,8 +33,11 @@ pub struct Args {
     /// Settings file to use instead of the user's config.toml.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Open FILE (PDF, EPUB, Markdown or text) in the terminal app.
+    #[arg(value_name = "FILE")]
+    file: Option<PathBuf>,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -182,11 +185,11 @@ pub struct Exit {
 /// Run the command line; errors carry the text to print and the exit code.
 pub fn run(args: Args) -> Result<ExitCode> {
     match &args.command {
-        Command::PdfWorker(worker) => return Ok(document::run_pdf_worker(worker)),
+        Some(Command::PdfWorker(worker)) => return Ok(document::run_pdf_worker(worker)),
         // Where the settings file goes must be answerable even when that file is broken.
-        Command::Config {
+        Some(Command::Config {
             what: ConfigCommand::Path,
-        } => {
+        }) => {
             println!("{}", user_config_path().display());
             return Ok(ExitCode::SUCCESS);
         }
@@ -203,7 +206,25 @@ pub fn run(args: Args) -> Result<ExitCode> {
         config.model.device = d;
     }
     config.validate()?;
-    match args.command {
+    let command = match (args.command, args.file) {
+        (Some(c), _) => c,
+        (None, Some(file)) => {
+            crate::tui::run(crate::tui::Options {
+                file,
+                config,
+                history_dir: None,
+            })?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        (None, None) => {
+            return Err(Exit {
+                message: "give a FILE to open, or a command (see `slm-chat --help`)".into(),
+                code: 2,
+            }
+            .into())
+        }
+    };
+    match command {
         Command::Ask {
             file,
             question,

@@ -3,7 +3,8 @@
 //! The pipeline runs one way: [`document`] turns files into text with pages and sections;
 //! [`tree`] cuts it into chunks and scores them; [`model`] is the transformer the rest is
 //! built on (an open forward over layer ranges with injected KV); [`engine`] answers one
-//! question end to end; [`cli`] wires them to the command line.
+//! question end to end; [`tui`] is the terminal app on top of [`engine::session`]; [`cli`]
+//! wires them to the command line.
 //!
 //! `unsafe` is denied everywhere except, each behind a `SAFETY` comment: the SIMD kernels
 //! (`model::quant`, F16C rounding in `model::attention`) and the safetensors mmap.
@@ -19,3 +20,4 @@ pub mod model;
 pub mod store;
 pub mod sys;
 pub mod tree;
+pub mod tui;

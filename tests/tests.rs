@@ -19,3 +19,5 @@ mod tree;
 mod tree_answer;
 // The real binary: ask, bench, and bad model input.
 mod cli;
+// The terminal app: screen snapshots from scripted events, and the real binary in tmux.
+mod tui;
