@@ -14,7 +14,7 @@ use crate::engine::session::Progress;
 use crate::engine::{self, AskSettings, EngineError, Method, TreeSession};
 use crate::model::{self, DeviceChoice, Llm, SamplingParams};
 use crate::tree::search::{Policy, Scorer};
-use crate::{bench, store, sys};
+use crate::{bench, eval, store, sys};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser, Debug)]
@@ -69,6 +69,37 @@ enum Command {
         /// Print one JSON object per file instead of a summary line.
         #[arg(long)]
         json: bool,
+    },
+    /// Accuracy, time to first token and memory of a method over a dataset (../shared/eval
+    /// formats): a Markdown table, or JSON.
+    Eval {
+        dataset: PathBuf,
+        /// The folder holding `<book>.txt` for the dataset's books.
+        #[arg(long)]
+        books: PathBuf,
+        #[arg(long, value_enum, default_value_t = Method::Tree)]
+        method: Method,
+        /// Give every case the oracle's context instead (needle in ~2,000 words of its book,
+        /// or 5,000 characters around a question's evidence), answered with `full`.
+        #[arg(long)]
+        oracle: bool,
+        /// Only these case ids (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Only needle cases of these sizes (context_tokens_approx, comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<usize>,
+        /// Print the results as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also write the JSON results to this file.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        search: SearchFlags,
+        /// Most tokens in each answer.
+        #[arg(long)]
+        max_tokens: Option<usize>,
     },
     /// The stored context trees: list them, delete them, or show where they are.
     Cache {
@@ -247,6 +278,67 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Command::Extract { file, json } => extract(&file, json),
         Command::Ingest { files, json } => ingest(&config, &files, json),
         Command::Cache { what } => cache(&config, what),
+        Command::Eval {
+            dataset,
+            books,
+            method,
+            oracle,
+            only,
+            sizes,
+            json,
+            out,
+            search,
+            max_tokens,
+        } => {
+            search.apply(&mut config.search);
+            if let Some(n) = max_tokens {
+                config.generate.max_tokens = n;
+            }
+            config.validate()?;
+            let mut cases = eval::load_cases(&dataset)?;
+            if !only.is_empty() {
+                cases.retain(|c| only.contains(&c.id));
+            }
+            if !sizes.is_empty() {
+                cases.retain(|c| c.context_tokens_approx.is_some_and(|s| sizes.contains(&s)));
+            }
+            if cases.is_empty() {
+                anyhow::bail!("{}: no case left to run", dataset.display());
+            }
+            let llm = load_model(&config)?;
+            let plan = eval::EvalPlan {
+                cases,
+                books,
+                method,
+                oracle,
+                work_dir: config.cache_dir().join("eval"),
+            };
+            let results = eval::run(&llm, &config, &plan, &mut |m| eprintln!("slm-chat: {m}"))?;
+            let label = if oracle { "oracle".to_string() } else { format!("{method:?}").to_lowercase() };
+            let report = serde_json::json!({
+                "dataset": dataset,
+                "method": label,
+                "search": {
+                    "scorer": config.search.scorer,
+                    "policy": config.search.policy,
+                    "budget": config.search.budget,
+                    "fine_budget": config.search.fine_budget,
+                    "positions": config.search.positions,
+                },
+                "tree": config.tree,
+                "correct": results.iter().filter(|r| r.correct).count(),
+                "cases": results,
+            });
+            if let Some(path) = &out {
+                store::write_file(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", eval::table(&label, &results));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench {
             json,
             reps,

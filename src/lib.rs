@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod document;
 pub mod engine;
+pub mod eval;
 pub mod model;
 pub mod store;
 pub mod sys;

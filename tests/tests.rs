@@ -17,6 +17,8 @@ mod document;
 mod tree;
 // METHOD.md checks A, B, E through store, search and injection.
 mod tree_answer;
+// `slm-chat eval`: needle placement as materialize.py, a dataset through the binary.
+mod eval;
 // The real binary: ask, bench, and bad model input.
 mod cli;
 // The terminal app: screen snapshots from scripted events, and the real binary in tmux.

@@ -31,6 +31,10 @@ pub struct IngestReport {
     pub seconds: f64,
     /// Document tokens encoded per second (this run).
     pub tok_s: f64,
+    /// Of `seconds`: running the lower model (with downsampling and node vectors), and
+    /// writing batches (serializing, checksums, fsync).
+    pub encode_secs: f64,
+    pub write_secs: f64,
     pub store_bytes: u64,
     pub full_kv: bool,
     /// Why the stored tree was rebuilt, when it was.
@@ -224,13 +228,18 @@ fn build(
     let encode_start = Instant::now();
     let mut encoded_tokens = 0usize;
     let mut encoded_chunks = 0usize;
+    let (mut encode_secs, mut write_secs) = (0.0, 0.0);
     for (b, batch) in chunks.chunks(per).enumerate().skip(build.batches_done()) {
         if cancel.load(Ordering::SeqCst) {
             return Err(EngineError::Cancelled);
         }
         let ids: Vec<&[u32]> = batch.iter().map(|c| &enc.ids[c.tokens.clone()]).collect();
+        let t0 = Instant::now();
         let encoded = encoder.encode(&ids)?;
+        let t1 = Instant::now();
         build.add_batch(&encoded)?;
+        encode_secs += (t1 - t0).as_secs_f64();
+        write_secs += t1.elapsed().as_secs_f64();
         encoded_tokens += ids.iter().map(|c| c.len()).sum::<usize>();
         encoded_chunks += batch.len();
         let secs = encode_start.elapsed().as_secs_f64();
@@ -250,6 +259,8 @@ fn build(
     let tree = Tree::open(&dir)?;
     let mut r = report(file, &tree, start, true, resumed, encoded_chunks, None);
     r.tok_s = encoded_tokens as f64 / encode_start.elapsed().as_secs_f64().max(1e-9);
+    r.encode_secs = encode_secs;
+    r.write_secs = write_secs;
     Ok((tree, r))
 }
 
@@ -273,6 +284,8 @@ fn report(
         encoded_chunks,
         seconds: start.elapsed().as_secs_f64(),
         tok_s: 0.0,
+        encode_secs: 0.0,
+        write_secs: 0.0,
         store_bytes: tree.disk_bytes(),
         full_kv: plan.config.full_kv,
         rebuilt,

@@ -1,14 +1,14 @@
-//! The session's thread: get ready, then answer questions until told to quit.
+//! The session's thread: get ready (model, tree), then answer questions until told to quit.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
 use super::{Done, Event, NodeView, Progress, Request, SessionOptions, Stage, Stats, TreeView};
-use crate::document::{self, Document, LoadOptions};
-use crate::engine::{self, AskSettings, Method};
+use crate::engine::{ingest, EngineError, NodeHit, TreeSession};
 use crate::model::{self, Llm, SamplingParams};
-use crate::tree::chunk;
+use crate::store::Tree;
+use crate::tree::layout::node_at;
 
 /// Report to the UI; a closed channel means the UI has gone, and the worker ends with it.
 struct Reporter(Sender<Event>);
@@ -37,17 +37,26 @@ pub(super) fn run(
     cancel: Arc<AtomicBool>,
 ) {
     let out = Reporter(events);
-    let (llm, doc) = match prepare(&opts, &out) {
-        Ok(ready) => ready,
+    let llm = match load_model(&opts, &out) {
+        Ok(llm) => llm,
         Err(e) => {
             out.send(Event::Error(format!("{e:#}")));
             return;
         }
     };
-    let view = match tree_view(&opts, &llm, &doc) {
-        Ok(v) => v,
+    let tree = match open_tree(&opts, &llm, &out, &cancel) {
+        Ok(t) => t,
+        Err(EngineError::Cancelled) => return,
         Err(e) => {
-            out.send(Event::Error(format!("{e:#}")));
+            out.send(Event::Error(e.to_string()));
+            return;
+        }
+    };
+    let view = tree_view(&opts, &tree);
+    let mut session = match TreeSession::new(&llm, tree) {
+        Ok(s) => s,
+        Err(e) => {
+            out.send(Event::Error(e.to_string()));
             return;
         }
     };
@@ -61,6 +70,8 @@ pub(super) fn run(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         device: model::device_name(llm.model.device()).to_string(),
+        store_bytes: session.tree().disk_bytes(),
+        mapped_bytes: session.tree().mapped_bytes(),
         ..Stats::default()
     };
     out.send(Event::Stats(with_rss(base.clone())));
@@ -69,7 +80,7 @@ pub(super) fn run(
             Request::Quit => return,
             Request::Ask(question) => {
                 cancel.store(false, Ordering::SeqCst);
-                if !answer(&opts, &llm, &doc, &question, &cancel, &out, &base) {
+                if !answer(&opts, &mut session, &question, &cancel, &out, &base) {
                     return;
                 }
             }
@@ -77,10 +88,7 @@ pub(super) fn run(
     }
 }
 
-fn prepare(opts: &SessionOptions, out: &Reporter) -> anyhow::Result<(Llm, Document)> {
-    out.progress(Stage::Document, format!("reading {}", opts.file.display()));
-    let exe = std::env::current_exe()?;
-    let doc = document::load(&opts.file, &LoadOptions::new(exe))?;
+fn load_model(opts: &SessionOptions, out: &Reporter) -> anyhow::Result<Llm> {
     out.progress(Stage::Model, "loading the model");
     let config = &opts.config;
     let path = if config.model.path.is_empty() {
@@ -91,34 +99,55 @@ fn prepare(opts: &SessionOptions, out: &Reporter) -> anyhow::Result<(Llm, Docume
         config.model.path.clone().into()
     };
     let device = model::select_device(config.model.device)?;
-    Ok((model::load(&path, &device)?, doc))
+    Ok(model::load(&path, &device)?)
 }
 
-fn tree_view(opts: &SessionOptions, llm: &Llm, doc: &Document) -> anyhow::Result<TreeView> {
-    let enc = llm.tokenizer.encode_with_offsets(&doc.text)?;
-    let chunks = chunk(doc, &enc, opts.config.rag.chunk_tokens);
-    let nodes = chunks
+fn open_tree(
+    opts: &SessionOptions,
+    llm: &Llm,
+    out: &Reporter,
+    cancel: &AtomicBool,
+) -> Result<Tree, EngineError> {
+    out.progress(Stage::Open, format!("looking for the tree of {}", opts.file.display()));
+    let mut say = |p: &Progress| {
+        out.send(Event::Progress(p.clone()));
+    };
+    let (tree, _) = ingest::open_or_build(llm, &opts.file, &opts.config, false, &mut say, cancel)?;
+    Ok(tree)
+}
+
+fn tree_view(opts: &SessionOptions, tree: &Tree) -> TreeView {
+    let plan = &tree.manifest().plan;
+    let text = tree.text();
+    let nodes = plan
+        .chunks
         .iter()
-        .map(|c| NodeView {
-            chunk: c.index,
-            level: 0,
-            index: 0,
-            alpha: 1,
-            score: 0.0,
-            tokens: (c.tokens.start, c.tokens.end),
-            chars: (c.text.start, c.text.end),
-            pages: (*c.pages.start(), *c.pages.end()),
-            preview: engine::preview(&doc.text[c.text.clone()]),
+        .enumerate()
+        .flat_map(|(c, chunk)| {
+            chunk.nodes.iter().enumerate().map(move |(n, node)| {
+                let (level, index) = node_at(n);
+                NodeView {
+                    chunk: c,
+                    level,
+                    index,
+                    alpha: plan.config.alpha.get(level).copied().unwrap_or(1),
+                    score: 0.0,
+                    tokens: node.tokens,
+                    chars: node.chars,
+                    pages: node.pages,
+                    preview: super::super::preview(&text[node.chars.0..node.chars.1]),
+                }
+            })
         })
         .collect();
-    Ok(TreeView {
+    TreeView {
         title: opts.file.display().to_string(),
-        text: doc.text.as_str().into(),
-        document_tokens: enc.ids.len(),
+        text: text.into(),
+        document_tokens: plan.tokens,
         nodes,
-        store_bytes: 0,
-        document_key: String::new(),
-    })
+        store_bytes: tree.disk_bytes(),
+        document_key: plan.document.clone(),
+    }
 }
 
 fn with_rss(mut s: Stats) -> Stats {
@@ -126,11 +155,24 @@ fn with_rss(mut s: Stats) -> Stats {
     s
 }
 
+fn node_view(n: &NodeHit) -> NodeView {
+    NodeView {
+        chunk: n.chunk,
+        level: n.level,
+        index: n.index,
+        alpha: n.alpha,
+        score: n.score,
+        tokens: n.tokens,
+        chars: n.chars,
+        pages: n.pages,
+        preview: n.preview.clone(),
+    }
+}
+
 /// Answer one question; false when the UI has gone.
 fn answer(
     opts: &SessionOptions,
-    llm: &Llm,
-    doc: &Document,
+    session: &mut TreeSession,
     question: &str,
     cancel: &AtomicBool,
     out: &Reporter,
@@ -143,45 +185,49 @@ fn answer(
         seed: g.seed,
         max_tokens: g.max_tokens,
     };
-    let settings = AskSettings {
-        method: Method::Rag,
-        chunk_tokens: opts.config.rag.chunk_tokens,
-        rag_tokens: opts.config.rag.max_tokens,
+    let plan = &session.tree().manifest().plan;
+    let kv_per_entry = (plan.config.layers * 2 * plan.kv_dim * 4) as u64;
+    // Both callbacks note whether the UI is still listening.
+    let alive = std::cell::Cell::new(true);
+    // The budget as the status bar shows it (a typical question's length assumed).
+    let budget = session
+        .budget(&opts.config.search, 64, params.max_tokens)
+        .total;
+    let mut on_nodes = |nodes: &[NodeHit], entries: usize| {
+        let sent = out.send(Event::Expanded(nodes.iter().map(node_view).collect()))
+            && out.send(Event::Stats(with_rss(Stats {
+                injected_tokens: entries,
+                injected_bytes: entries as u64 * kv_per_entry,
+                budget_tokens: budget,
+                ..base.clone()
+            })));
+        alive.set(alive.get() && sent);
     };
-    let mut alive = true;
     let mut on_text = |piece: &str| {
-        alive &= out.send(Event::Token(piece.to_string()));
+        alive.set(alive.get() && out.send(Event::Token(piece.to_string())));
     };
-    match engine::ask(llm, doc, question, &settings, &params, cancel, &mut on_text) {
+    let result = session.ask_reporting(
+        question,
+        &opts.config.search,
+        &params,
+        cancel,
+        &mut on_nodes,
+        &mut on_text,
+    );
+    match result {
         Ok(a) => {
-            let mut nodes: Vec<NodeView> = a
-                .sources
-                .iter()
-                .map(|s| NodeView {
-                    chunk: s.chunk,
-                    level: 0,
-                    index: 0,
-                    alpha: 1,
-                    score: s.score as f32,
-                    tokens: (0, 0),
-                    chars: (0, 0),
-                    pages: (s.first_page, s.last_page),
-                    preview: s.preview.clone(),
-                })
-                .collect();
-            nodes.sort_by_key(|n| n.chunk);
-            out.send(Event::Expanded(nodes));
             out.send(Event::Stats(with_rss(Stats {
-                injected_tokens: a.kept_tokens,
-                injected_bytes: a.memory.kv_bytes as u64,
-                budget_tokens: settings.rag_tokens,
+                injected_tokens: a.memory.injected_entries.unwrap_or(0),
+                injected_bytes: a.memory.injected_bytes.unwrap_or(0) as u64,
+                budget_tokens: budget,
                 first_token_ms: Some(a.timings.first_token_ms),
                 prefill_tok_s: a.timings.prefill_tok_s,
                 decode_tok_s: a.timings.decode_tok_s,
                 decode_tokens: a.timings.decode_tokens,
+                mapped_bytes: a.memory.mapped_bytes.unwrap_or(0),
                 ..base.clone()
             })));
-            alive
+            alive.get()
                 && out.send(Event::Done(Done {
                     answer: a.answer,
                     stop: a.stop.to_string(),

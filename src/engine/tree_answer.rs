@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use serde::Serialize;
 
 use super::{prompt_parts, timings, Answer, EngineError, Memory, Method, PromptParts};
@@ -152,8 +153,24 @@ impl<'a> TreeSession<'a> {
         cancel: &AtomicBool,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answer, EngineError> {
+        self.ask_reporting(question, settings, params, cancel, &mut |_, _| {}, on_text)
+    }
+
+    /// [`ask`](Self::ask), also telling `on_nodes` the chosen nodes and the injected entry
+    /// count as soon as they are in the cache (before the first token).
+    pub fn ask_reporting(
+        &mut self,
+        question: &str,
+        settings: &SearchSettings,
+        params: &SamplingParams,
+        cancel: &AtomicBool,
+        on_nodes: &mut dyn FnMut(&[NodeHit], usize),
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Answer, EngineError> {
         let start = Instant::now();
         let mut p = self.prepare(question, settings, params.max_tokens)?;
+        let nodes: Vec<NodeHit> = p.selected.iter().map(|s| self.hit(s)).collect();
+        on_nodes(&nodes, p.entries);
         let gen = generate(
             &self.llm.model,
             &self.llm.tokenizer,
@@ -169,7 +186,7 @@ impl<'a> TreeSession<'a> {
         // Time to first token counts from the question: search and injection included.
         t.first_token_ms += p.prepare_ms;
         t.search_ms = Some(p.search_ms);
-        let nodes = p.selected.iter().map(|s| self.hit(s)).collect();
+        t.inject_ms = Some(p.prepare_ms - p.search_ms);
         Ok(Answer {
             answer: gen.text.trim().to_string(),
             method: Method::Tree,
@@ -355,9 +372,8 @@ impl<'a> TreeSession<'a> {
                     let base = ((layer * 2 + part) * rows + take.start) * kv_dim;
                     let from = &src[base..base + take.len() * kv_dim];
                     let to = &mut dst[at * kv_dim..(at + take.len()) * kv_dim];
-                    for (t, f) in to.iter_mut().zip(from) {
-                        *t = f.to_f32();
-                    }
+                    // Converts with F16C where the CPU has it.
+                    from.convert_to_f32_slice(to);
                 }
                 at += take.len();
             }

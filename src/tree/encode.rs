@@ -9,6 +9,8 @@
 use std::ops::Range;
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::layout::{level_rows, node_spans, nodes_per_chunk};
@@ -213,18 +215,24 @@ struct Run {
     vector: Vec<f32>,
 }
 
+/// Rows `rows` of every kept layer as `(layers, 2, rows, kv_dim)` f16, layers in parallel.
 fn gather_full(kv: &[(Vec<f32>, Vec<f32>)], rows: Range<usize>, kv_dim: usize) -> Vec<f16> {
-    let mut out = Vec::with_capacity(kv.len() * 2 * rows.len() * kv_dim);
-    for (k, v) in kv {
-        for t in [k, v] {
-            let src = &t[rows.start * kv_dim..rows.end * kv_dim];
-            out.extend(src.iter().map(|&x| f16::from_f32(x)));
-        }
-    }
+    let per_layer = 2 * rows.len() * kv_dim;
+    let mut out = vec![f16::ZERO; kv.len() * per_layer];
+    out.par_chunks_mut(per_layer.max(1))
+        .zip(kv.par_iter())
+        .for_each(|(dst, (k, v))| {
+            let (dk, dv) = dst.split_at_mut(rows.len() * kv_dim);
+            let span = rows.start * kv_dim..rows.end * kv_dim;
+            // Bulk conversion uses F16C where the CPU has it.
+            dk.convert_from_f32_slice(&k[span.clone()]);
+            dv.convert_from_f32_slice(&v[span]);
+        });
     out
 }
 
-/// The rows of level `level` for one chunk whose first token is row `base` of `kv`.
+/// The rows of level `level` for one chunk whose first token is row `base` of `kv`, as
+/// `(layers, 2, rows, kv_dim)` f16, layers in parallel.
 fn downsample(
     kv: &[(Vec<f32>, Vec<f32>)],
     base: usize,
@@ -237,33 +245,37 @@ fn downsample(
     let first = super::layout::node_number(level, 0);
     let nodes = &spans[first..first + (1 << level)];
     let rows = level_rows(spans, level, alpha).last().map_or(0, |r| r.end);
-    let mut out = Vec::with_capacity(kv.len() * 2 * rows * kv_dim);
-    let mut acc = vec![0f32; kv_dim];
-    for (k, v) in kv {
-        for t in [k, v] {
-            for s in nodes {
-                let mut g = s.start;
-                while g < s.end {
-                    let end = (g + alpha).min(s.end);
-                    let row = |r: usize| &t[(base + r) * kv_dim..(base + r + 1) * kv_dim];
-                    match how {
-                        Downsample::Strided => {
-                            out.extend(row(g).iter().map(|&x| f16::from_f32(x)));
-                        }
-                        Downsample::Mean => {
-                            acc.copy_from_slice(row(g));
-                            for r in g + 1..end {
-                                acc.iter_mut().zip(row(r)).for_each(|(a, &x)| *a += x);
+    let per_layer = 2 * rows * kv_dim;
+    let mut out = vec![f16::ZERO; kv.len() * per_layer];
+    out.par_chunks_mut(per_layer.max(1))
+        .zip(kv.par_iter())
+        .for_each(|(dst, (k, v))| {
+            let mut acc = vec![0f32; kv_dim];
+            let mut at = 0;
+            for t in [k, v] {
+                let row = |r: usize| &t[(base + r) * kv_dim..(base + r + 1) * kv_dim];
+                for s in nodes {
+                    let mut g = s.start;
+                    while g < s.end {
+                        let end = (g + alpha).min(s.end);
+                        match how {
+                            Downsample::Strided => acc.copy_from_slice(row(g)),
+                            Downsample::Mean => {
+                                acc.copy_from_slice(row(g));
+                                for r in g + 1..end {
+                                    acc.iter_mut().zip(row(r)).for_each(|(a, &x)| *a += x);
+                                }
+                                let inv = 1.0 / (end - g) as f32;
+                                acc.iter_mut().for_each(|a| *a *= inv);
                             }
-                            let inv = 1.0 / (end - g) as f32;
-                            out.extend(acc.iter().map(|&a| f16::from_f32(a * inv)));
                         }
+                        dst[at..at + kv_dim].convert_from_f32_slice(&acc);
+                        at += kv_dim;
+                        g = end;
                     }
-                    g = end;
                 }
             }
-        }
-    }
-    debug_assert_eq!(out.len(), kv.len() * 2 * rows * kv_dim);
+            debug_assert_eq!(at, per_layer);
+        });
     out
 }

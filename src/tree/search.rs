@@ -258,17 +258,18 @@ impl Ord for Item {
     }
 }
 
-/// Start from every chunk at level 0 (dropping the worst chunks if even that is over the
-/// total budget), then replace the best-scoring node by its two children — or a deepest node
-/// by its full-resolution tokens — while both budgets hold.
+/// Start from every chunk at level 0 (dropping the worst chunks when they would leave no
+/// room for `budget.fine` entries of refinement), then replace the best-scoring node by its
+/// two children — or a deepest node by its full-resolution tokens — while both budgets hold.
 fn best_first(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
     let mut slots: Vec<Option<Selected>> = Vec::new();
     let mut used = 0;
     let mut fine = 0;
     let mut start: Vec<usize> = Vec::new();
+    let coarse_room = budget.total.saturating_sub(budget.fine).max(budget.total / 4);
     for chunk in chunks_by_score(scores, shape) {
         let s = node(shape, scores, chunk, 0, 0, shape.alpha[0]);
-        if used + s.entries <= budget.total {
+        if used + s.entries <= coarse_room {
             used += s.entries;
             start.push(slots.len());
             slots.push(Some(s));

@@ -1,0 +1,585 @@
+//! `slm-chat eval`: accuracy, time to first token and memory of a method over a dataset in
+//! the formats of `../shared/eval` (needle cases and questions on whole books).
+//!
+//! Needle cases are materialized by the rule of `../shared/eval/README.md` (the same text
+//! `materialize.py` writes, byte for byte; a test compares them). Scoring is that of
+//! `score_answer()`: the answer or an alias contained in the output, case-insensitively,
+//! whitespace collapsed, curly apostrophes read as straight ones.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// One line of a dataset.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Case {
+    pub id: String,
+    pub book: String,
+    pub question: String,
+    pub answer: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Needle cases: the haystack size, where the needle goes, and the needle.
+    #[serde(default)]
+    pub context_tokens_approx: Option<usize>,
+    #[serde(default)]
+    pub depth: Option<f64>,
+    #[serde(default)]
+    pub needle_sentence: Option<String>,
+    /// Book questions: where the evidence is.
+    #[serde(default)]
+    pub char_offset: Option<usize>,
+}
+
+impl Case {
+    pub fn is_needle(&self) -> bool {
+        self.needle_sentence.is_some()
+    }
+}
+
+/// What can go wrong reading a dataset.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("{path}:{line}: {reason}")]
+    Line {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("case {id}: {reason}")]
+    Case { id: String, reason: String },
+}
+
+/// The cases of a JSONL file.
+pub fn load_cases(path: &Path) -> Result<Vec<Case>, EvalError> {
+    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let case: Case = serde_json::from_str(line).map_err(|e| EvalError::Line {
+            path: path.into(),
+            line: i + 1,
+            reason: e.to_string(),
+        })?;
+        let needle_fields = [
+            case.context_tokens_approx.is_some(),
+            case.depth.is_some(),
+            case.needle_sentence.is_some(),
+        ];
+        if needle_fields.iter().any(|&x| x) && !needle_fields.iter().all(|&x| x) {
+            return Err(EvalError::Line {
+                path: path.into(),
+                line: i + 1,
+                reason: "a needle case needs context_tokens_approx, depth and needle_sentence"
+                    .into(),
+            });
+        }
+        out.push(case);
+    }
+    Ok(out)
+}
+
+const TOKENS_PER_WORD: f64 = 1.3;
+
+/// The haystack with the needle in it, as `materialize.py` writes it, and the byte offset
+/// of the needle in it.
+pub fn materialize(case: &Case, book: &str) -> Result<(String, usize), EvalError> {
+    let bad = |reason: &str| EvalError::Case {
+        id: case.id.clone(),
+        reason: reason.into(),
+    };
+    let needle = case
+        .needle_sentence
+        .as_deref()
+        .ok_or_else(|| bad("not a needle case"))?
+        .trim();
+    let tokens = case.context_tokens_approx.unwrap_or(0) as f64;
+    let depth = case.depth.unwrap_or(0.0);
+    let total_words = round_half_even(tokens / TOKENS_PER_WORD) as usize;
+    let hay_words = total_words
+        .saturating_sub(needle.split_whitespace().count())
+        .max(1);
+    Ok(insert_needle(first_n_words(book, hay_words), needle, depth))
+}
+
+/// Python's `round()`: halves to even.
+fn round_half_even(x: f64) -> f64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
+        r - x.signum()
+    } else {
+        r
+    }
+}
+
+/// The text up to the end of its `n`-th whitespace-separated word.
+pub fn first_n_words(text: &str, n: usize) -> &str {
+    if n == 0 {
+        return "";
+    }
+    let mut count = 0;
+    let mut in_word = false;
+    for (i, c) in text.char_indices() {
+        if c.is_whitespace() {
+            if in_word {
+                count += 1;
+                if count == n {
+                    return &text[..i];
+                }
+            }
+            in_word = false;
+        } else {
+            in_word = true;
+        }
+    }
+    text
+}
+
+/// `needle` at the break nearest `depth` of `hay` (offsets in characters, as Python counts),
+/// and the needle's byte offset.
+pub fn insert_needle(hay: &str, needle: &str, depth: f64) -> (String, usize) {
+    let chars: Vec<char> = hay.chars().collect();
+    let n = chars.len();
+    let target = round_half_even(depth * n as f64) as usize;
+    let window = 1500usize.max((0.03 * n as f64) as usize);
+    let nearest = |cands: &mut dyn Iterator<Item = usize>| -> Option<usize> {
+        let mut best: Option<usize> = None;
+        for pos in cands {
+            if best.is_none_or(|b| pos.abs_diff(target) < b.abs_diff(target)) {
+                best = Some(pos);
+            }
+        }
+        best
+    };
+    // Paragraph breaks `\n[ \t]*\n` within the window (non-overlapping, left to right).
+    let (lo, hi) = (target.saturating_sub(window), (target + window).min(n));
+    let mut paras = Vec::new();
+    let mut i = lo;
+    while i < hi {
+        if chars[i] == '\n' {
+            let mut j = i + 1;
+            while j < hi && (chars[j] == ' ' || chars[j] == '\t') {
+                j += 1;
+            }
+            if j < hi && chars[j] == '\n' {
+                paras.push(j + 1);
+                i = j + 1;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    let (pos, para) = if let Some(p) = nearest(&mut paras.into_iter()) {
+        (p, true)
+    } else {
+        // Sentence ends `[.!?]["'”’]?` followed by whitespace, in a wider window.
+        let (lo, hi) = (target.saturating_sub(4 * window), (target + 4 * window).min(n));
+        let mut ends = Vec::new();
+        let mut i = lo;
+        while i < hi {
+            if matches!(chars[i], '.' | '!' | '?') {
+                let mut end = i + 1;
+                if end < hi && matches!(chars[end], '"' | '\'' | '\u{201d}' | '\u{2019}') {
+                    end += 1;
+                }
+                let followed = chars.get(end).is_some_and(|c| c.is_whitespace());
+                if end <= hi && followed {
+                    ends.push(end);
+                    i = end;
+                    continue;
+                }
+                // Python's regex retries without the optional quote.
+                if end == i + 2 && chars.get(i + 1).is_some_and(|c| c.is_whitespace()) {
+                    ends.push(i + 1);
+                }
+            }
+            i += 1;
+        }
+        (nearest(&mut ends.into_iter()).unwrap_or(target), false)
+    };
+    let before: String = chars[..pos].iter().collect();
+    let mut after: String = chars[pos..].iter().collect();
+    let mut text = before;
+    let at;
+    if para {
+        at = text.len();
+        text.push_str(needle);
+        text.push_str("\n\n");
+    } else {
+        text.push(' ');
+        at = text.len();
+        text.push_str(needle);
+        if !after.starts_with(char::is_whitespace) {
+            after.insert(0, ' ');
+        }
+    }
+    text.push_str(&after);
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    (text, at)
+}
+
+/// The oracle's context for a case: the needle inside the first ~2,000 words of the same
+/// book, or a 5,000-character window around a book question's evidence.
+pub fn oracle_text(case: &Case, book: &str) -> Result<(String, usize), EvalError> {
+    if case.is_needle() {
+        let small = Case {
+            context_tokens_approx: Some((2000.0 * TOKENS_PER_WORD) as usize),
+            ..case.clone()
+        };
+        return materialize(&small, book);
+    }
+    let at = case.char_offset.ok_or_else(|| EvalError::Case {
+        id: case.id.clone(),
+        reason: "a book question needs char_offset for its oracle window".into(),
+    })?;
+    let chars: Vec<char> = book.chars().collect();
+    let lo = at.saturating_sub(2500).min(chars.len());
+    let hi = (lo + 5000).min(chars.len());
+    let before: String = chars[lo..at.min(hi)].iter().collect();
+    Ok((chars[lo..hi].iter().collect(), before.len()))
+}
+
+/// The byte offset of character `at` in `text`.
+pub fn byte_offset(text: &str, at: usize) -> usize {
+    text.char_indices().nth(at).map_or(text.len(), |(i, _)| i)
+}
+
+/// `score_answer()`: `answer` (or an alias) inside `output`.
+pub fn correct(case: &Case, output: &str) -> bool {
+    let norm = |s: &str| {
+        s.replace('\u{2019}', "'")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase()
+    };
+    let out = norm(output);
+    std::iter::once(&case.answer)
+        .chain(&case.aliases)
+        .any(|a| out.contains(&norm(a)))
+}
+
+/// One case's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseResult {
+    pub id: String,
+    pub correct: bool,
+    pub answer: String,
+    /// Needle cases: haystack size and depth; book questions: none.
+    pub context_tokens_approx: Option<usize>,
+    pub depth: Option<f64>,
+    pub document_tokens: usize,
+    pub first_token_ms: f64,
+    pub injected_bytes: Option<usize>,
+    pub kv_bytes: usize,
+    pub full_attention_kv_bytes: Option<usize>,
+    pub peak_rss_bytes: Option<u64>,
+    /// Whether the needle's (or the evidence's) text was among the full-resolution nodes.
+    pub evidence_read: Option<bool>,
+    pub error: Option<String>,
+}
+
+/// A Markdown table: one row per haystack size (or one row for book questions), one column
+/// per depth, then accuracy and median time to first token.
+pub fn table(method: &str, results: &[CaseResult]) -> String {
+    let mut rows: BTreeMap<usize, Vec<&CaseResult>> = BTreeMap::new();
+    for r in results {
+        rows.entry(r.context_tokens_approx.unwrap_or(0))
+            .or_default()
+            .push(r);
+    }
+    let mut depths: Vec<f64> = results.iter().filter_map(|r| r.depth).collect();
+    depths.sort_by(f64::total_cmp);
+    depths.dedup();
+    let mut out = String::new();
+    out.push_str(&format!("| {method} | "));
+    for d in &depths {
+        out.push_str(&format!("{d:.1} | "));
+    }
+    out.push_str("accuracy | median TTFT | median peak RSS |\n|---|");
+    for _ in &depths {
+        out.push_str("---|");
+    }
+    out.push_str("---|---|---|\n");
+    for (size, rs) in &rows {
+        let label = if *size == 0 {
+            "book questions".to_string()
+        } else {
+            format!("{}K", size / 1024)
+        };
+        out.push_str(&format!("| {label} | "));
+        for d in &depths {
+            let cell: Vec<&str> = rs
+                .iter()
+                .filter(|r| r.depth == Some(*d))
+                .map(|r| mark(r))
+                .collect();
+            out.push_str(&format!("{} | ", cell.join(" ")));
+        }
+        let ok = rs.iter().filter(|r| r.correct).count();
+        let ttft = median(rs.iter().map(|r| r.first_token_ms).collect());
+        let rss = median(
+            rs.iter()
+                .filter_map(|r| r.peak_rss_bytes.map(|b| b as f64))
+                .collect(),
+        );
+        out.push_str(&format!(
+            "{ok}/{} | {:.0} ms | {} |\n",
+            rs.len(),
+            ttft,
+            crate::sys::human_bytes(rss as u64)
+        ));
+    }
+    out
+}
+
+fn mark(r: &CaseResult) -> &'static str {
+    match (r.correct, &r.error) {
+        (_, Some(_)) => "err",
+        (true, _) => "✔",
+        (false, _) => "✘",
+    }
+}
+
+/// The median of `v` (0 when empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_rounding_and_words() {
+        assert_eq!(round_half_even(2.5), 2.0);
+        assert_eq!(round_half_even(3.5), 4.0);
+        assert_eq!(round_half_even(6301.54), 6302.0);
+        assert_eq!(first_n_words("  a b\n\nc d", 3), "  a b\n\nc");
+        assert_eq!(first_n_words("a b", 5), "a b");
+    }
+
+    #[test]
+    fn scoring_is_containment_without_case_or_spacing() {
+        let case = Case {
+            id: "x".into(),
+            book: "b".into(),
+            question: "q".into(),
+            answer: "4,200 feet".into(),
+            aliases: vec!["4200 feet".into()],
+            context_tokens_approx: None,
+            depth: None,
+            needle_sentence: None,
+            char_offset: None,
+        };
+        assert!(correct(&case, "It rose to 4200  FEET."));
+        assert!(correct(&case, "about 4,200\nfeet"));
+        assert!(!correct(&case, "4,100 feet"));
+    }
+}
+
+/// How to run a dataset.
+#[derive(Debug, Clone)]
+pub struct EvalPlan {
+    pub cases: Vec<Case>,
+    /// Where `<book>.txt` files are.
+    pub books: PathBuf,
+    pub method: crate::engine::Method,
+    /// Give each case the oracle's small context (method `full`) instead of its own.
+    pub oracle: bool,
+    /// Where materialized documents are written (their trees are cached by content).
+    pub work_dir: PathBuf,
+}
+
+/// One case's document: its file and where its evidence lies.
+struct Doc {
+    path: PathBuf,
+    evidence: usize,
+}
+
+fn document(plan: &EvalPlan, case: &Case) -> anyhow::Result<Doc> {
+    use anyhow::Context;
+    let book_path = plan.books.join(format!("{}.txt", case.book));
+    let book = std::fs::read_to_string(&book_path)
+        .with_context(|| format!("case {}: {}", case.id, book_path.display()))?;
+    let (text, evidence, name) = if plan.oracle {
+        let (t, at) = oracle_text(case, &book)?;
+        (t, at, format!("{}.oracle.txt", case.id))
+    } else if case.is_needle() {
+        let (t, at) = materialize(case, &book)?;
+        (t, at, format!("{}.txt", case.id))
+    } else {
+        let at = byte_offset(&book, case.char_offset.unwrap_or(0));
+        return Ok(Doc {
+            path: book_path,
+            evidence: at,
+        });
+    };
+    std::fs::create_dir_all(&plan.work_dir)
+        .with_context(|| plan.work_dir.display().to_string())?;
+    let path = plan.work_dir.join(name);
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+        crate::store::write_file(&path, text.as_bytes())?;
+    }
+    Ok(Doc { path, evidence })
+}
+
+/// Run every case of `plan`, telling `say` about each as it finishes.
+pub fn run(
+    llm: &crate::model::Llm,
+    config: &crate::config::Config,
+    plan: &EvalPlan,
+    say: &mut dyn FnMut(&str),
+) -> anyhow::Result<Vec<CaseResult>> {
+    use crate::engine::{self, AskSettings, Method, TreeSession};
+    use std::sync::atomic::AtomicBool;
+    let cancel = AtomicBool::new(false);
+    let g = &config.generate;
+    let params = crate::model::SamplingParams {
+        temperature: g.temperature as f32,
+        top_p: g.top_p as f32,
+        seed: g.seed,
+        max_tokens: g.max_tokens,
+    };
+    let method = if plan.oracle { Method::Full } else { plan.method };
+    let mut docs = Vec::new();
+    for case in &plan.cases {
+        docs.push(document(plan, case)?);
+    }
+    let mut order: Vec<usize> = (0..plan.cases.len()).collect();
+    // Cases on the same document run together, so its tree is opened once.
+    order.sort_by(|&a, &b| docs[a].path.cmp(&docs[b].path));
+    let mut results: Vec<Option<CaseResult>> = vec![None; plan.cases.len()];
+    let mut session: Option<(PathBuf, TreeSession)> = None;
+    for i in order {
+        let (case, doc) = (&plan.cases[i], &docs[i]);
+        let answer = if method == Method::Tree {
+            if session.as_ref().is_none_or(|(p, _)| p != &doc.path) {
+                // Let go of the previous tree before opening the next.
+                drop(session.take());
+                let mut progress = |p: &engine::session::Progress| {
+                    if p.total > 0 && (p.done == p.total || p.done % 50 == 0) {
+                        say(&format!("{}: {}", case.id, p.message));
+                    }
+                };
+                let (tree, report) = engine::ingest::open_or_build(
+                    llm,
+                    &doc.path,
+                    config,
+                    false,
+                    &mut progress,
+                    &cancel,
+                )?;
+                if report.built {
+                    say(&format!(
+                        "{}: built the tree of {} tokens in {:.0} s ({:.0} tok/s)",
+                        case.id, report.tokens, report.seconds, report.tok_s
+                    ));
+                }
+                session = Some((doc.path.clone(), TreeSession::new(llm, tree)?));
+            }
+            match session.as_mut() {
+                Some((_, s)) => s.ask(&case.question, &config.search, &params, &cancel, &mut |_| {}),
+                None => unreachable_session(),
+            }
+        } else {
+            let d = crate::document::load(
+                &doc.path,
+                &crate::document::LoadOptions::new(std::env::current_exe()?),
+            )?;
+            let settings = AskSettings {
+                method,
+                chunk_tokens: config.rag.chunk_tokens,
+                rag_tokens: config.rag.max_tokens,
+            };
+            engine::ask(llm, &d, &case.question, &settings, &params, &cancel, &mut |_| {})
+        };
+        let r = match answer {
+            Ok(a) => {
+                let read = (method == Method::Tree).then(|| {
+                    a.nodes.iter().any(|n| {
+                        n.alpha == 1 && n.chars.0 <= doc.evidence && doc.evidence < n.chars.1
+                    })
+                });
+                CaseResult {
+                    id: case.id.clone(),
+                    correct: correct(case, &a.answer),
+                    answer: a.answer,
+                    context_tokens_approx: case.context_tokens_approx,
+                    depth: case.depth,
+                    document_tokens: a.document_tokens,
+                    first_token_ms: a.timings.first_token_ms,
+                    injected_bytes: a.memory.injected_bytes,
+                    kv_bytes: a.memory.kv_bytes,
+                    full_attention_kv_bytes: a.memory.full_attention_kv_bytes,
+                    peak_rss_bytes: a.memory.peak_rss_bytes,
+                    evidence_read: read,
+                    error: None,
+                }
+            }
+            Err(e) => CaseResult {
+                id: case.id.clone(),
+                correct: false,
+                answer: String::new(),
+                context_tokens_approx: case.context_tokens_approx,
+                depth: case.depth,
+                document_tokens: 0,
+                first_token_ms: 0.0,
+                injected_bytes: None,
+                kv_bytes: 0,
+                full_attention_kv_bytes: None,
+                peak_rss_bytes: None,
+                evidence_read: None,
+                error: Some(e.to_string()),
+            },
+        };
+        say(&format!(
+            "{} {} · {:.0} ms to first token{} · {}",
+            mark(&r),
+            r.id,
+            r.first_token_ms,
+            match r.evidence_read {
+                Some(true) => " · evidence read in full",
+                Some(false) => " · evidence not read in full",
+                None => "",
+            },
+            r.error.clone().unwrap_or_else(|| one_line(&r.answer))
+        ));
+        results[i] = Some(r);
+    }
+    Ok(results.into_iter().flatten().collect())
+}
+
+fn unreachable_session() -> Result<crate::engine::Answer, crate::engine::EngineError> {
+    Err(crate::engine::EngineError::NeedsTree)
+}
+
+fn one_line(s: &str) -> String {
+    let flat = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    match flat.char_indices().nth(100) {
+        Some((at, _)) => format!("{}…", &flat[..at]),
+        None => flat,
+    }
+}

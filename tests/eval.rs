@@ -1,0 +1,93 @@
+//! `slm-chat eval`: the needle texts are exactly those of ../shared/eval/materialize.py, and
+//! the command runs a real dataset through the real binary and model.
+
+use std::process::Command;
+
+use slm_chat::eval::{load_cases, materialize};
+
+use crate::util::{default_model, exe, shared};
+
+/// Every needle case of the dev set and of our passkey set, materialized in Rust, equals
+/// the file the reference script writes.
+#[test]
+fn needles_are_placed_exactly_as_the_reference_script_places_them() {
+    let out = tempfile::tempdir().expect("tmp");
+    let books = shared().join("corpus/books");
+    let sets = [
+        shared().join("eval/niah_dev.jsonl"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("eval/passkey.jsonl"),
+    ];
+    for set in &sets {
+        let status = Command::new("python3")
+            .arg(shared().join("eval/materialize.py"))
+            .arg(set)
+            .arg("--books")
+            .arg(&books)
+            .arg("--out")
+            .arg(out.path())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("python3 runs materialize.py");
+        assert!(status.success());
+        for case in load_cases(set).expect("cases") {
+            let book = std::fs::read_to_string(books.join(format!("{}.txt", case.book)))
+                .expect("book");
+            let (text, at) = materialize(&case, &book).expect("materialize");
+            let want = std::fs::read_to_string(out.path().join(format!("{}.txt", case.id)))
+                .expect("reference file");
+            assert!(text == want, "{}: differs from materialize.py", case.id);
+            let needle = case.needle_sentence.as_deref().unwrap_or_default().trim();
+            assert_eq!(&text[at..at + needle.len()], needle, "{}", case.id);
+        }
+    }
+}
+
+/// A two-case dataset through `slm-chat eval` with the tree and with `full`: a table with
+/// the sizes and the accuracy, and JSON with every case.
+#[test]
+fn eval_runs_a_dataset_and_reports_a_table_and_json() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let set = dir.path().join("tiny.jsonl");
+    let cases = [
+        r#"{"id": "t-2k-d30", "book": "emma", "context_tokens_approx": 2048, "depth": 0.3, "needle_sentence": "The secret passphrase for the vault is OPAL-RIVER-3141.", "question": "What is the secret passphrase for the vault?", "answer": "OPAL-RIVER-3141"}"#,
+        r#"{"id": "t-2k-d70", "book": "emma", "context_tokens_approx": 2048, "depth": 0.7, "needle_sentence": "The secret passphrase for the vault is PINE-AMBER-2718.", "question": "What is the secret passphrase for the vault?", "answer": "PINE-AMBER-2718"}"#,
+    ];
+    std::fs::write(&set, cases.join("\n")).expect("write");
+    let cache = tempfile::tempdir().expect("tmp");
+    for method in ["tree", "full"] {
+        let out = Command::new(exe())
+            .env("SLM_CHAT_PATHS_CACHE_DIR", cache.path())
+            .env("SLM_CHAT_GENERATE_MAX_TOKENS", "32")
+            .arg("--model")
+            .arg(default_model())
+            .args(["eval"])
+            .arg(&set)
+            .arg("--books")
+            .arg(shared().join("corpus/books"))
+            .args(["--method", method, "--out"])
+            .arg(dir.path().join(format!("{method}.json")))
+            .output()
+            .expect("run");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{method}: {stderr}");
+        assert!(stdout.contains(&format!("| {method} |")), "{stdout}");
+        assert!(stdout.contains("| 2K |") && stdout.contains("/2 |"), "{stdout}");
+        let json: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.path().join(format!("{method}.json"))).expect("json"),
+        )
+        .expect("valid JSON");
+        let results = json["cases"].as_array().expect("cases");
+        assert_eq!(results.len(), 2);
+        for r in results {
+            assert!(r["error"].is_null(), "{r}");
+            assert!(r["first_token_ms"].as_f64().unwrap_or(0.0) > 0.0);
+            let answer = r["answer"].as_str().unwrap_or_default().to_lowercase();
+            let key = if r["id"] == "t-2k-d30" { "opal-river-3141" } else { "pine-amber-2718" };
+            assert_eq!(r["correct"].as_bool(), Some(answer.contains(key)), "{r}");
+        }
+        if method == "tree" {
+            assert!(results.iter().all(|r| r["evidence_read"].is_boolean()));
+        }
+    }
+}
