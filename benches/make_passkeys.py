@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write eval/passkey.jsonl: exact-recall cases in the format of ../shared/eval/niah_dev.jsonl.
 
-One case per (size, depth): a passphrase sentence with a fresh random value (seeded, so the
+One case per (size, depth) on Dracula: a passphrase sentence with a fresh random value (seeded, so the
 file is reproducible) inside the first words of a corpus book, materialized by
 ../shared/eval/materialize.py's rule (`slm-chat eval` does it in Rust).
 
@@ -12,7 +12,7 @@ import random
 
 SIZES = [8192, 16384, 32768, 65536, 131072]
 DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
-BOOKS = ["dracula", "emma", "tale_of_two_cities"]
+BOOKS = ["dracula"]
 WORDS = ["BLUE", "AMBER", "CEDAR", "DELTA", "EMBER", "FROST", "GRANITE", "HARBOR", "IVORY",
          "JUNIPER", "KESTREL", "LANTERN", "MARBLE", "NORTH", "OPAL", "PINE", "QUARTZ", "RIVER",
          "SILVER", "TIMBER", "UMBER", "VIOLET", "WILLOW", "ZEPHYR"]

@@ -314,7 +314,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 work_dir: config.cache_dir().join("eval"),
             };
             let results = eval::run(&llm, &config, &plan, &mut |m| eprintln!("slm-chat: {m}"))?;
-            let label = if oracle { "oracle".to_string() } else { format!("{method:?}").to_lowercase() };
+            let label = if oracle {
+                "oracle".to_string()
+            } else {
+                format!("{method:?}").to_lowercase()
+            };
             let report = serde_json::json!({
                 "dataset": dataset,
                 "method": label,

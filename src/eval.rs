@@ -184,7 +184,10 @@ pub fn insert_needle(hay: &str, needle: &str, depth: f64) -> (String, usize) {
         (p, true)
     } else {
         // Sentence ends `[.!?]["'”’]?` followed by whitespace, in a wider window.
-        let (lo, hi) = (target.saturating_sub(4 * window), (target + 4 * window).min(n));
+        let (lo, hi) = (
+            target.saturating_sub(4 * window),
+            (target + 4 * window).min(n),
+        );
         let mut ends = Vec::new();
         let mut i = lo;
         while i < hi {
@@ -416,7 +419,8 @@ pub struct EvalPlan {
 /// One case's document: its file and where its evidence lies.
 struct Doc {
     path: PathBuf,
-    evidence: usize,
+    /// Byte range of the needle (or the start of a question's evidence).
+    evidence: std::ops::Range<usize>,
 }
 
 fn document(plan: &EvalPlan, case: &Case) -> anyhow::Result<Doc> {
@@ -424,7 +428,13 @@ fn document(plan: &EvalPlan, case: &Case) -> anyhow::Result<Doc> {
     let book_path = plan.books.join(format!("{}.txt", case.book));
     let book = std::fs::read_to_string(&book_path)
         .with_context(|| format!("case {}: {}", case.id, book_path.display()))?;
-    let (text, evidence, name) = if plan.oracle {
+    let needle = case
+        .needle_sentence
+        .as_deref()
+        .unwrap_or_default()
+        .trim()
+        .len();
+    let (text, at, name) = if plan.oracle {
         let (t, at) = oracle_text(case, &book)?;
         (t, at, format!("{}.oracle.txt", case.id))
     } else if case.is_needle() {
@@ -434,11 +444,11 @@ fn document(plan: &EvalPlan, case: &Case) -> anyhow::Result<Doc> {
         let at = byte_offset(&book, case.char_offset.unwrap_or(0));
         return Ok(Doc {
             path: book_path,
-            evidence: at,
+            evidence: at..at + 1,
         });
     };
-    std::fs::create_dir_all(&plan.work_dir)
-        .with_context(|| plan.work_dir.display().to_string())?;
+    let evidence = at..at + needle.max(1);
+    std::fs::create_dir_all(&plan.work_dir).with_context(|| plan.work_dir.display().to_string())?;
     let path = plan.work_dir.join(name);
     if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
         crate::store::write_file(&path, text.as_bytes())?;
@@ -463,7 +473,11 @@ pub fn run(
         seed: g.seed,
         max_tokens: g.max_tokens,
     };
-    let method = if plan.oracle { Method::Full } else { plan.method };
+    let method = if plan.oracle {
+        Method::Full
+    } else {
+        plan.method
+    };
     let mut docs = Vec::new();
     for case in &plan.cases {
         docs.push(document(plan, case)?);
@@ -480,7 +494,7 @@ pub fn run(
                 // Let go of the previous tree before opening the next.
                 drop(session.take());
                 let mut progress = |p: &engine::session::Progress| {
-                    if p.total > 0 && (p.done == p.total || p.done % 50 == 0) {
+                    if p.total > 0 && (p.done == p.total || p.done.is_multiple_of(50)) {
                         say(&format!("{}: {}", case.id, p.message));
                     }
                 };
@@ -501,7 +515,13 @@ pub fn run(
                 session = Some((doc.path.clone(), TreeSession::new(llm, tree)?));
             }
             match session.as_mut() {
-                Some((_, s)) => s.ask(&case.question, &config.search, &params, &cancel, &mut |_| {}),
+                Some((_, s)) => s.ask(
+                    &case.question,
+                    &config.search,
+                    &params,
+                    &cancel,
+                    &mut |_| {},
+                ),
                 None => unreachable_session(),
             }
         } else {
@@ -514,13 +534,24 @@ pub fn run(
                 chunk_tokens: config.rag.chunk_tokens,
                 rag_tokens: config.rag.max_tokens,
             };
-            engine::ask(llm, &d, &case.question, &settings, &params, &cancel, &mut |_| {})
+            engine::ask(
+                llm,
+                &d,
+                &case.question,
+                &settings,
+                &params,
+                &cancel,
+                &mut |_| {},
+            )
         };
         let r = match answer {
             Ok(a) => {
+                // Every byte of the evidence inside some full-resolution node.
                 let read = (method == Method::Tree).then(|| {
-                    a.nodes.iter().any(|n| {
-                        n.alpha == 1 && n.chars.0 <= doc.evidence && doc.evidence < n.chars.1
+                    doc.evidence.clone().all(|b| {
+                        a.nodes
+                            .iter()
+                            .any(|n| n.alpha == 1 && n.chars.0 <= b && b < n.chars.1)
                     })
                 });
                 CaseResult {

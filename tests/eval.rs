@@ -30,8 +30,8 @@ fn needles_are_placed_exactly_as_the_reference_script_places_them() {
             .expect("python3 runs materialize.py");
         assert!(status.success());
         for case in load_cases(set).expect("cases") {
-            let book = std::fs::read_to_string(books.join(format!("{}.txt", case.book)))
-                .expect("book");
+            let book =
+                std::fs::read_to_string(books.join(format!("{}.txt", case.book))).expect("book");
             let (text, at) = materialize(&case, &book).expect("materialize");
             let want = std::fs::read_to_string(out.path().join(format!("{}.txt", case.id)))
                 .expect("reference file");
@@ -72,7 +72,10 @@ fn eval_runs_a_dataset_and_reports_a_table_and_json() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{method}: {stderr}");
         assert!(stdout.contains(&format!("| {method} |")), "{stdout}");
-        assert!(stdout.contains("| 2K |") && stdout.contains("/2 |"), "{stdout}");
+        assert!(
+            stdout.contains("| 2K |") && stdout.contains("/2 |"),
+            "{stdout}"
+        );
         let json: serde_json::Value = serde_json::from_slice(
             &std::fs::read(dir.path().join(format!("{method}.json"))).expect("json"),
         )
@@ -83,7 +86,11 @@ fn eval_runs_a_dataset_and_reports_a_table_and_json() {
             assert!(r["error"].is_null(), "{r}");
             assert!(r["first_token_ms"].as_f64().unwrap_or(0.0) > 0.0);
             let answer = r["answer"].as_str().unwrap_or_default().to_lowercase();
-            let key = if r["id"] == "t-2k-d30" { "opal-river-3141" } else { "pine-amber-2718" };
+            let key = if r["id"] == "t-2k-d30" {
+                "opal-river-3141"
+            } else {
+                "pine-amber-2718"
+            };
             assert_eq!(r["correct"].as_bool(), Some(answer.contains(key)), "{r}");
         }
         if method == "tree" {

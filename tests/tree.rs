@@ -393,3 +393,42 @@ fn cache_lists_and_removes_trees() {
     let (_, out, _) = run(&["cache", "ls"]);
     assert!(out.contains("no stored trees"), "{out}");
 }
+
+/// A book that shares its start with a stored one (an edited copy, a longer version) reuses
+/// those chunks' encodings, and the tree is byte for byte the one a clean build makes.
+#[test]
+fn shared_chunks_are_reused_and_the_tree_is_unchanged() {
+    let book = small_book();
+    let text = std::fs::read_to_string(&book.file).expect("read");
+    let longer = book.file.with_file_name("pride-longer.txt");
+    std::fs::write(
+        &longer,
+        format!("{text}\nThe vault's passphrase is OPAL-RIVER-3141.\n"),
+    )
+    .expect("write");
+    let json = |cache: &Path, file: &Path| -> serde_json::Value {
+        let out = slm(cache)
+            .args(["ingest", "--json"])
+            .arg(file)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let shared = tempfile::tempdir().expect("tmp");
+    json(shared.path(), &book.file);
+    let second = json(shared.path(), &longer);
+    let reused = second["reused_chunks"].as_u64().unwrap_or(0);
+    let chunks = second["chunks"].as_u64().unwrap_or(0);
+    assert!(reused > 0 && reused < chunks, "reused {reused} of {chunks}");
+    let clean = tempfile::tempdir().expect("tmp");
+    let fresh = json(clean.path(), &longer);
+    assert_eq!(fresh["reused_chunks"].as_u64(), Some(0));
+    let a = PathBuf::from(second["path"].as_str().expect("path"));
+    let b = PathBuf::from(fresh["path"].as_str().expect("path"));
+    assert_same_tree(&a, &b);
+}

@@ -339,16 +339,24 @@ fn tui_end_to_end_in_tmux_with_the_real_model() {
         return;
     }
     let model = default_model();
-    let book = corpus("books/sherlock_holmes.txt");
     let data = tempfile::tempdir().expect("temp dir");
+    // The first two adventures of the real book (~24K tokens): the app reads them into a
+    // tree on first open, which is part of what this test watches.
+    let text = std::fs::read_to_string(corpus("books/sherlock_holmes.txt")).expect("book");
+    let end = text
+        .find("ADVENTURE III.")
+        .expect("the third adventure's title");
+    let book = data.path().join("sherlock_1-2.txt");
+    std::fs::write(&book, &text[..end]).expect("write the book");
     let tmux = Tmux {
         name: format!("slm-chat-e2e-{}", std::process::id()),
     };
     // After the app exits the shell reports its exit code and whether the terminal is in
     // canonical mode again (raw mode left on would print -icanon).
     let script = format!(
-        "env XDG_DATA_HOME={} SLM_CHAT_GENERATE_MAX_TOKENS=48 {} --model {} {}; echo SLM_CHAT_EXIT=$?; stty -a | grep -o -- ' -*icanon'; sleep 120",
+        "env XDG_DATA_HOME={} SLM_CHAT_PATHS_CACHE_DIR={} SLM_CHAT_GENERATE_MAX_TOKENS=48 {} --model {} {}; echo SLM_CHAT_EXIT=$?; stty -a | grep -o -- ' -*icanon'; sleep 120",
         quote(data.path()),
+        quote(&data.path().join("cache")),
         quote(&exe()),
         quote(&model),
         quote(&book)
@@ -368,7 +376,14 @@ fn tui_end_to_end_in_tmux_with_the_real_model() {
     ]);
 
     let started = Instant::now();
-    tmux.wait("the app to be ready", 180, |s| {
+    let progress = tmux.wait("the progress screen", 120, |s| {
+        s.contains(" chunks") && s.contains("tokens/s · ETA")
+    });
+    assert!(
+        progress.contains("cancel"),
+        "the progress screen offers a cancel key:\n{progress}"
+    );
+    tmux.wait("the app to read the book and be ready", 600, |s| {
         s.contains("doc tokens") && s.contains("Ask a question")
     });
     eprintln!("ready after {:.1} s", started.elapsed().as_secs_f64());

@@ -28,6 +28,8 @@ pub struct IngestReport {
     pub resumed_chunks: usize,
     /// Chunks encoded now.
     pub encoded_chunks: usize,
+    /// Chunks copied from another stored tree that has the same tokens.
+    pub reused_chunks: usize,
     pub seconds: f64,
     /// Document tokens encoded per second (this run).
     pub tok_s: f64,
@@ -162,6 +164,7 @@ fn build(
     let entries: Vec<ChunkEntry> = chunks
         .iter()
         .map(|c| ChunkEntry {
+            ids: store::ids_hash(&enc.ids[c.tokens.clone()]),
             nodes: layout::node_spans(c.tokens.len(), t.height)
                 .into_iter()
                 .map(|s| {
@@ -229,30 +232,75 @@ fn build(
     let mut encoded_tokens = 0usize;
     let mut encoded_chunks = 0usize;
     let (mut encode_secs, mut write_secs) = (0.0, 0.0);
+    // Chunks with the same tokens in another tree of this model and settings (an edited
+    // book, a book inside a larger one) are copied from it instead of encoded again: a
+    // chunk's encoding depends only on its tokens (batching does not change it, tested).
+    let key = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let donors = store::chunk_donors(&config.trees_dir(), &key);
+    let mut opened: std::collections::HashMap<PathBuf, Tree> = std::collections::HashMap::new();
+    let mut reused_chunks = 0usize;
     for (b, batch) in chunks.chunks(per).enumerate().skip(build.batches_done()) {
         if cancel.load(Ordering::SeqCst) {
             return Err(EngineError::Cancelled);
         }
-        let ids: Vec<&[u32]> = batch.iter().map(|c| &enc.ids[c.tokens.clone()]).collect();
         let t0 = Instant::now();
-        let encoded = encoder.encode(&ids)?;
+        let mut encoded: Vec<Option<crate::tree::EncodedChunk>> = Vec::with_capacity(batch.len());
+        for c in batch {
+            let hash = &build.plan().chunks[c.index].ids;
+            let found = match donors.get(hash) {
+                Some((donor, j)) => {
+                    if !opened.contains_key(donor) {
+                        if let Ok(t) = Tree::open(donor) {
+                            opened.insert(donor.clone(), t);
+                        }
+                    }
+                    // A donor that cannot give the chunk (damaged, no full KV) is skipped.
+                    opened
+                        .get(donor)
+                        .and_then(|t| t.encoded_chunk(*j, full_kv).ok().flatten())
+                        .filter(|e| e.len == c.tokens.len())
+                }
+                None => None,
+            };
+            encoded.push(found);
+        }
+        let missing: Vec<usize> = (0..batch.len()).filter(|&i| encoded[i].is_none()).collect();
+        reused_chunks += batch.len() - missing.len();
+        if !missing.is_empty() {
+            let ids: Vec<&[u32]> = missing
+                .iter()
+                .map(|&i| &enc.ids[batch[i].tokens.clone()])
+                .collect();
+            for (i, e) in missing.iter().zip(encoder.encode(&ids)?) {
+                encoded[*i] = Some(e);
+            }
+            encoded_tokens += ids.iter().map(|c| c.len()).sum::<usize>();
+        }
+        let encoded: Vec<crate::tree::EncodedChunk> = encoded.into_iter().flatten().collect();
         let t1 = Instant::now();
         build.add_batch(&encoded)?;
         encode_secs += (t1 - t0).as_secs_f64();
         write_secs += t1.elapsed().as_secs_f64();
-        encoded_tokens += ids.iter().map(|c| c.len()).sum::<usize>();
-        encoded_chunks += batch.len();
+        encoded_chunks += missing.len();
         let secs = encode_start.elapsed().as_secs_f64();
         let done = ((b + 1) * per).min(total);
         let tok_s = encoded_tokens as f64 / secs.max(1e-9);
         let left: usize = chunks[done..].iter().map(|c| c.tokens.len()).sum();
+        let reused = if reused_chunks > 0 {
+            format!(" ({reused_chunks} reused)")
+        } else {
+            String::new()
+        };
         say(&Progress {
             stage: Stage::Encode,
             done,
             total,
             tok_s,
             eta_secs: Some(left as f64 / tok_s.max(1e-9)),
-            message: format!("encoding chunks {done}/{total}"),
+            message: format!("encoding chunks {done}/{total}{reused}"),
         });
     }
     let dir = build.finish()?;
@@ -260,6 +308,7 @@ fn build(
     let mut r = report(file, &tree, start, true, resumed, encoded_chunks, None);
     r.tok_s = encoded_tokens as f64 / encode_start.elapsed().as_secs_f64().max(1e-9);
     r.encode_secs = encode_secs;
+    r.reused_chunks = reused_chunks;
     r.write_secs = write_secs;
     Ok((tree, r))
 }
@@ -282,6 +331,7 @@ fn report(
         built,
         resumed_chunks,
         encoded_chunks,
+        reused_chunks: 0,
         seconds: start.elapsed().as_secs_f64(),
         tok_s: 0.0,
         encode_secs: 0.0,

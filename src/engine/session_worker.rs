@@ -108,7 +108,10 @@ fn open_tree(
     out: &Reporter,
     cancel: &AtomicBool,
 ) -> Result<Tree, EngineError> {
-    out.progress(Stage::Open, format!("looking for the tree of {}", opts.file.display()));
+    out.progress(
+        Stage::Open,
+        format!("looking for the tree of {}", opts.file.display()),
+    );
     let mut say = |p: &Progress| {
         out.send(Event::Progress(p.clone()));
     };

@@ -263,6 +263,7 @@ impl<'a> TreeSession<'a> {
             layers: 0..1,
             keep_kv: false,
             keep_hidden: &[],
+            last_kv_only: false,
         };
         let out = m.forward(&m.embed(&tokens)?, &f, &mut m.new_cache())?;
         Ok(out
@@ -288,6 +289,7 @@ impl<'a> TreeSession<'a> {
             layers: 0..layer + 1,
             keep_kv: false,
             keep_hidden: &[],
+            last_kv_only: false,
         };
         let out = m.forward(&m.embed(&ids)?, &f, &mut self.prefix.fork()?)?;
         Ok(out.hidden.mean(0)?.to_vec1::<f32>()?)

@@ -214,6 +214,9 @@ pub struct Forward<'a> {
     pub keep_kv: bool,
     /// Return the output of these layers (0 = after the first block).
     pub keep_hidden: &'a [usize],
+    /// Only the keys and values of the last layer are wanted (with `keep_kv`): its
+    /// attention and MLP are skipped and `hidden` is that layer's input.
+    pub last_kv_only: bool,
 }
 
 impl<'a> Forward<'a> {
@@ -225,6 +228,7 @@ impl<'a> Forward<'a> {
             layers: 0..model.config.n_layer,
             keep_kv: false,
             keep_hidden: &[],
+            last_kv_only: false,
         }
     }
 }
@@ -360,6 +364,10 @@ impl Model {
         };
         let mut x = x.clone();
         for layer in f.layers.clone() {
+            if f.last_kv_only && f.keep_kv && layer + 1 == f.layers.end {
+                out.kv.push(self.layer_kv(layer, &x)?);
+                break;
+            }
             let (y, kv) = self.block_forward(layer, &x, &rope, &plan, cache)?;
             x = y;
             if f.keep_kv {
@@ -413,6 +421,17 @@ impl Model {
         let att = attend(&q, cache, layer, prior, plan, self.kv_f16)?;
         debug_assert_eq!(att.dim(0)?, n);
         Ok((att, LayerKv { k, v }))
+    }
+
+    /// Keys (before RoPE) and values of layer `layer` for its input `x`, nothing else.
+    fn layer_kv(&self, layer: usize, x: &Tensor) -> Result<LayerKv> {
+        let b = &self.blocks[layer];
+        let h = rms_norm(x, &b.attn_norm, self.config.rms_eps as f32)?;
+        let qkv = b.attn.qkv.forward(&h)?;
+        Ok(LayerKv {
+            k: qkv[1].clone(),
+            v: qkv[2].clone(),
+        })
     }
 
     fn kv_round(&self, x: Tensor) -> Result<Tensor> {

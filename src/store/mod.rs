@@ -114,6 +114,10 @@ pub struct NodeEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkEntry {
     pub nodes: Vec<NodeEntry>,
+    /// BLAKE3 of the chunk's token ids (little-endian u32): a chunk with the same tokens in
+    /// another tree built with the same model and settings has the same encoding.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ids: String,
 }
 
 impl ChunkEntry {
@@ -294,6 +298,44 @@ pub struct Listing {
     pub bytes: u64,
     /// "complete", "partial (N of M batches)" or "damaged: …".
     pub state: String,
+}
+
+/// The key's last part: the settings. Trees sharing it (and the model part) share encodings.
+pub fn settings_part(key: &str) -> &str {
+    key.rsplit('-').next().unwrap_or_default()
+}
+
+/// BLAKE3 of token ids as stored in [`ChunkEntry::ids`].
+pub fn ids_hash(ids: &[u32]) -> String {
+    blake3::hash(bytemuck::cast_slice(ids)).to_hex().to_string()
+}
+
+/// Finished trees under `trees_dir` built with the same model and settings as `key`, and
+/// for each chunk token hash, where its encoding is: `(tree dir, chunk)`.
+pub fn chunk_donors(
+    trees_dir: &Path,
+    key: &str,
+) -> std::collections::HashMap<String, (PathBuf, usize)> {
+    let mut out = std::collections::HashMap::new();
+    let parts: Vec<&str> = key.split('-').collect();
+    let Ok(entries) = std::fs::read_dir(trees_dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let theirs: Vec<&str> = name.split('-').collect();
+        if name == key || theirs.len() != 3 || parts.len() != 3 || theirs[1..] != parts[1..] {
+            continue;
+        }
+        if let Ok(m) = read::read_manifest(&e.path()) {
+            for (i, c) in m.plan.chunks.iter().enumerate() {
+                if !c.ids.is_empty() {
+                    out.entry(c.ids.clone()).or_insert((e.path(), i));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Every tree under `trees_dir`, by key.

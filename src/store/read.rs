@@ -11,7 +11,7 @@ use super::{
     tensor_name, Manifest, Result, StoreError, Sum, BM25, FORMAT_VERSION, MANIFEST, PROGRESS, TEXT,
     TOKENS,
 };
-use crate::tree::Bm25;
+use crate::tree::{Bm25, EncodedChunk};
 
 /// Where a tensor's bytes lie.
 #[derive(Debug, Clone)]
@@ -212,6 +212,33 @@ impl Tree {
             return Ok(None);
         }
         self.f16s(&name).map(Some)
+    }
+
+    /// Chunk `chunk` as the encoder made it (for a new tree with the same chunk): its full
+    /// KV when this tree keeps it and `full` is asked for, its levels and node vectors.
+    pub fn encoded_chunk(&self, chunk: usize, full: bool) -> Result<Option<EncodedChunk>> {
+        let plan = &self.manifest.plan;
+        let c = &plan.chunks[chunk];
+        let full = if full {
+            match self.full(chunk)? {
+                Some(f) => f.to_vec(),
+                None => return Ok(None),
+            }
+        } else {
+            Vec::new()
+        };
+        let levels = (0..=plan.config.height)
+            .map(|w| self.level(chunk, w).map(<[f16]>::to_vec))
+            .collect::<Result<Vec<_>>>()?;
+        let per = c.nodes.len() * plan.d_model;
+        let at = chunk * per;
+        Ok(Some(EncodedChunk {
+            len: c.len(),
+            full,
+            levels,
+            paper: self.paper[at..at + per].to_vec(),
+            hidden: self.hidden[at..at + per].to_vec(),
+        }))
     }
 
     /// Bytes of the tree's files on disk.

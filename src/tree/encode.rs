@@ -79,6 +79,7 @@ impl<'m> Encoder<'m> {
                 layers: 0..run_layers(&cfg),
                 keep_kv: false,
                 keep_hidden: &[],
+                last_kv_only: false,
             };
             model.forward(&x, &f, &mut sink)?;
         }
@@ -178,6 +179,8 @@ impl<'m> Encoder<'m> {
             layers: 0..run_layers(&self.cfg),
             keep_kv: true,
             keep_hidden,
+            // The last layer's output is not kept: its K and V are all the tree needs.
+            last_kv_only: !keep_hidden.contains(&(run_layers(&self.cfg) - 1)),
         };
         let x = self.model.embed(&tokens)?;
         let out = self.model.forward(&x, &f, &mut cache)?;

@@ -5,7 +5,7 @@
 //! model or a store, and the result says exactly what to inject.
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -261,12 +261,29 @@ impl Ord for Item {
 /// Start from every chunk at level 0 (dropping the worst chunks when they would leave no
 /// room for `budget.fine` entries of refinement), then replace the best-scoring node by its
 /// two children — or a deepest node by its full-resolution tokens — while both budgets hold.
+///
+/// A leaf read at full resolution makes its neighbours the next candidates: a sentence that
+/// matches the question often continues (or starts) across a leaf boundary, and the words
+/// that answer it share none of the question's.
 fn best_first(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
+    let leaves = 1usize << shape.height;
+    let chunks = shape.node_lens.len();
+    // Score lent to a leaf (by chunk and leaf index) by a neighbour read in full.
+    let mut lent: HashMap<(usize, usize), f32> = HashMap::new();
+    let effective = |lent: &HashMap<(usize, usize), f32>, s: &Selected| -> f32 {
+        let width = leaves >> s.level;
+        (s.index * width..(s.index + 1) * width)
+            .filter_map(|leaf| lent.get(&(s.chunk, leaf)).copied())
+            .fold(s.score, f32::max)
+    };
     let mut slots: Vec<Option<Selected>> = Vec::new();
     let mut used = 0;
     let mut fine = 0;
     let mut start: Vec<usize> = Vec::new();
-    let coarse_room = budget.total.saturating_sub(budget.fine).max(budget.total / 4);
+    let coarse_room = budget
+        .total
+        .saturating_sub(budget.fine)
+        .max(budget.total / 4);
     for chunk in chunks_by_score(scores, shape) {
         let s = node(shape, scores, chunk, 0, 0, shape.alpha[0]);
         if used + s.entries <= coarse_room {
@@ -284,11 +301,17 @@ fn best_first(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
             })
         })
         .collect();
-    while let Some(Item { slot, .. }) = heap.pop() {
+    while let Some(Item { slot, score }) = heap.pop() {
         let Some(cur) = slots[slot].clone() else {
             continue;
         };
         if cur.alpha == 1 {
+            continue;
+        }
+        let now = effective(&lent, &cur);
+        if now > score {
+            // A neighbour lent it a better score since it was queued.
+            heap.push(Item { score: now, slot });
             continue;
         }
         if cur.level == shape.height {
@@ -302,6 +325,36 @@ fn best_first(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
                     entries: len,
                     ..cur
                 });
+                // The leaves on either side, across chunk boundaries, come next (one step
+                // only: a leaf read for its neighbour's sake lends nothing on).
+                let global = cur.chunk * leaves + cur.index;
+                let neighbours = if cur.score >= now {
+                    vec![(global + 1, 0.999), (global.wrapping_sub(1), 0.998)]
+                } else {
+                    Vec::new()
+                };
+                for (next, factor) in neighbours {
+                    if next >= chunks * leaves {
+                        continue;
+                    }
+                    let key = (next / leaves, next % leaves);
+                    let bid = now * factor;
+                    if lent.get(&key).is_none_or(|&b| b < bid) {
+                        lent.insert(key, bid);
+                        let holder = slots.iter().position(|s| {
+                            s.as_ref().is_some_and(|s| {
+                                let width = leaves >> s.level;
+                                s.chunk == key.0 && s.index == key.1 / width && s.alpha > 1
+                            })
+                        });
+                        if let Some(h) = holder {
+                            heap.push(Item {
+                                score: bid,
+                                slot: h,
+                            });
+                        }
+                    }
+                }
             }
             continue;
         }
@@ -320,7 +373,7 @@ fn best_first(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
         slots[slot] = None;
         for k in kids {
             heap.push(Item {
-                score: k.score,
+                score: effective(&lent, &k),
                 slot: slots.len(),
             });
             slots.push(Some(k));
@@ -440,6 +493,38 @@ mod tests {
             .map(|s| (s.level, s.index))
             .collect();
         assert_eq!(c0, vec![(1, 0), (2, 2), (3, 6), (3, 7)]);
+    }
+
+    #[test]
+    fn a_leaf_read_in_full_brings_its_neighbours() {
+        let lens = shape_of(&[512; 6], 3);
+        let alpha = [32, 16, 8, 4];
+        let shape = Shape {
+            height: 3,
+            alpha: &alpha,
+            node_lens: &lens,
+        };
+        let per = nodes_per_chunk(3);
+        let mut scores = vec![0.1f32; 6 * per];
+        // The best leaf is the last of chunk 2: its right neighbour is chunk 3's first leaf.
+        for n in [0, node_number(1, 1), node_number(2, 3), node_number(3, 7)] {
+            scores[2 * per + n] = 0.9;
+        }
+        let sel = select(
+            Policy::Budget,
+            &scores,
+            &shape,
+            Budget {
+                total: 2000,
+                fine: 192,
+            },
+        );
+        let full: Vec<(usize, usize)> = sel
+            .iter()
+            .filter(|s| s.alpha == 1)
+            .map(|s| (s.chunk, s.index))
+            .collect();
+        assert_eq!(full, vec![(2, 6), (2, 7), (3, 0)]);
     }
 
     #[test]
