@@ -52,10 +52,10 @@ pub struct SearchSettings {
 impl Default for SearchSettings {
     fn default() -> Self {
         Self {
-            scorer: Scorer::Hybrid,
+            scorer: Scorer::Bm25,
             policy: Policy::Budget,
-            budget: 0,
-            fine_budget: 1536,
+            budget: 1024,
+            fine_budget: 256,
             positions: Positions::Contiguous,
         }
     }

@@ -327,12 +327,28 @@ pub fn chunk_donors(
         if name == key || theirs.len() != 3 || parts.len() != 3 || theirs[1..] != parts[1..] {
             continue;
         }
-        if let Ok(m) = read::read_manifest(&e.path()) {
-            for (i, c) in m.plan.chunks.iter().enumerate() {
-                if !c.ids.is_empty() {
-                    out.entry(c.ids.clone()).or_insert((e.path(), i));
+        let Ok(m) = read::read_manifest(&e.path()) else {
+            continue;
+        };
+        // Trees written before chunks carried their hash: hash their stored tokens.
+        let tokens = if m.plan.chunks.iter().any(|c| c.ids.is_empty()) {
+            read::read_stored_tokens(&e.path(), &m).ok()
+        } else {
+            None
+        };
+        for (i, c) in m.plan.chunks.iter().enumerate() {
+            let hash = match (&tokens, c.ids.is_empty()) {
+                (_, false) => c.ids.clone(),
+                (Some(t), true) => {
+                    let (a, b) = c.tokens();
+                    match t.get(a..b) {
+                        Some(ids) => ids_hash(ids),
+                        None => continue,
+                    }
                 }
-            }
+                (None, true) => continue,
+            };
+            out.entry(hash).or_insert((e.path(), i));
         }
     }
     out

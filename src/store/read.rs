@@ -290,6 +290,16 @@ impl Tree {
     }
 }
 
+/// The token ids stored with a finished tree, checked against its manifest.
+pub(super) fn read_stored_tokens(dir: &Path, manifest: &Manifest) -> Result<Vec<u32>> {
+    let path = dir.join(TOKENS);
+    let bytes = std::fs::read(&path).map_err(StoreError::io(&path))?;
+    if Sum::of(&bytes) != manifest.plan.token_ids {
+        return Err(StoreError::corrupt(dir, format!("{TOKENS} checksum")));
+    }
+    read_tokens(dir, &bytes)
+}
+
 fn read_tokens(dir: &Path, bytes: &[u8]) -> Result<Vec<u32>> {
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| StoreError::corrupt(dir, format!("{TOKENS}: {e}")))?;
