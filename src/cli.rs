@@ -686,7 +686,9 @@ fn ask_tree(config: &Config, file: &Path, question: &str, json: bool) -> Result<
         load_document(file, false)?;
     }
     let llm = load_model(config)?;
+    let opening = std::time::Instant::now();
     let tree = open_tree(&llm, config, file)?;
+    let open_ms = opening.elapsed().as_secs_f64() * 1e3;
     let mut session = TreeSession::new(&llm, tree)?;
     let params = sampling(config);
     let cancel = AtomicBool::new(false);
@@ -708,7 +710,8 @@ fn ask_tree(config: &Config, file: &Path, question: &str, json: bool) -> Result<
             answer = session.ask(question, &config.search, &params, &cancel, &mut stream);
         }
     }
-    let answer = answer?;
+    let mut answer = answer?;
+    answer.timings.open_ms = Some(open_ms);
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&answer)?).ok();
         return Ok(ExitCode::SUCCESS);

@@ -384,7 +384,7 @@ fn tui_end_to_end_in_tmux_with_the_real_model() {
         "the progress screen offers a cancel key:\n{progress}"
     );
     tmux.wait("the app to read the book and be ready", 600, |s| {
-        s.contains("doc tokens") && s.contains("Ask a question")
+        s.contains("Tree · ") && s.contains("Ask a question")
     });
     eprintln!("ready after {:.1} s", started.elapsed().as_secs_f64());
 

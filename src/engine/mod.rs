@@ -136,6 +136,9 @@ pub struct Timings {
     /// For `tree`: scoring and choosing the nodes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub search_ms: Option<f64>,
+    /// For `tree` from the command line: finding and opening the stored tree.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_ms: Option<f64>,
     /// For `tree`: search plus putting the chosen KV into the cache.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inject_ms: Option<f64>,
@@ -359,6 +362,7 @@ pub fn preview(text: &str) -> String {
 fn timings(s: &GenerationStats, start: Instant) -> Timings {
     Timings {
         search_ms: None,
+        open_ms: None,
         inject_ms: None,
         first_token_ms: s.first_token_secs * 1e3,
         prefill_tok_s: s.prefill_tok_s(),

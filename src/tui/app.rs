@@ -350,8 +350,7 @@ impl App {
                         question: p.question,
                         answer,
                         stop: done.stop,
-                        sources: p
-                            .expanded
+                        sources: read_first(&p.expanded)
                             .iter()
                             .map(|n| SourceRef {
                                 chunk: n.chunk,
@@ -401,9 +400,7 @@ impl App {
                 best = Some((i, n.score));
             }
         }
-        let mut sorted = nodes.clone();
-        sorted.sort_by(|a, b| b.score.total_cmp(&a.score));
-        self.last_sources = sorted;
+        self.last_sources = read_first(&nodes);
         if let Some(p) = &mut self.pending {
             p.expanded = nodes;
         }
@@ -655,4 +652,15 @@ fn fresh_input(old: &TextArea<'static>) -> TextArea<'static> {
     t.set_placeholder_text(old.placeholder_text());
     t.set_cursor_line_style(old.cursor_line_style());
     t
+}
+
+/// The nodes read word for word (α = 1) first, then the rest; best score first in each.
+fn read_first(nodes: &[NodeView]) -> Vec<NodeView> {
+    let mut sorted = nodes.to_vec();
+    sorted.sort_by(|a, b| {
+        (a.alpha > 1)
+            .cmp(&(b.alpha > 1))
+            .then(b.score.total_cmp(&a.score))
+    });
+    sorted
 }
