@@ -425,11 +425,12 @@ fn sampling(config: &Config) -> SamplingParams {
 /// A document error with its own exit code, or any other engine error with the file named.
 fn engine_error(file: &Path, e: EngineError) -> anyhow::Error {
     match e {
+        // A document error names the file itself.
         EngineError::Document(d) => anyhow::Error::new(Exit {
-            message: format!("{}: {d}", file.display()),
+            message: d.to_string(),
             code: d.exit_code(),
         }),
-        e => anyhow::Error::new(e),
+        e => anyhow::Error::new(e).context(file.display().to_string()),
     }
 }
 
@@ -519,6 +520,10 @@ fn ask(
 }
 
 fn ingest(config: &Config, files: &[PathBuf], json: bool) -> Result<ExitCode> {
+    for file in files.iter().filter(|f| !f.is_file()) {
+        // The document loader words a missing or unreadable file (and picks its exit code).
+        load_document(file, false)?;
+    }
     let llm = load_model(config)?;
     let cancel = AtomicBool::new(false);
     for file in files {
@@ -681,6 +686,9 @@ fn cache(config: &Config, what: CacheCommand) -> Result<ExitCode> {
 }
 
 fn ask_tree(config: &Config, file: &Path, question: &str, json: bool) -> Result<ExitCode> {
+    if question.trim().is_empty() {
+        return Err(EngineError::EmptyQuestion.into());
+    }
     if !file.is_file() {
         // The document's own loader words this error; run it for the message and exit code.
         load_document(file, false)?;

@@ -47,20 +47,17 @@ pub enum EvalError {
         line: usize,
         reason: String,
     },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("case {id}: {reason}")]
     Case { id: String, reason: String },
 }
 
 /// The cases of a JSONL file.
 pub fn load_cases(path: &Path) -> Result<Vec<Case>, EvalError> {
-    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
+    let text = std::fs::read_to_string(path).map_err(|error| EvalError::Io {
         path: path.into(),
-        source,
+        error,
     })?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {

@@ -90,6 +90,8 @@ fn rag_answers_from_the_best_passages_and_names_their_pages() {
             "ask",
             file.to_str().expect("utf-8"),
             q,
+            "--method",
+            "rag",
             "--json",
             "--max-tokens",
             "24",
@@ -111,6 +113,67 @@ fn rag_answers_from_the_best_passages_and_names_their_pages() {
         assert!(s["first_page"].as_u64().unwrap_or(0) >= 1);
         assert!(s["score"].as_f64().unwrap_or(0.0) > 0.0);
     }
+}
+
+/// The README's first command, as a newcomer runs it: the sample read into a tree (in a
+/// fresh cache), then the answer from the parts read in full, with their pages and figures.
+#[test]
+fn the_readme_question_is_answered_from_the_tree() {
+    let cache = tempfile::tempdir().expect("tmp");
+    let cache_dir = cache.path().to_str().expect("utf-8");
+    let model = default_model();
+    let file = sample();
+    let out = run_env(
+        &[
+            "--model",
+            model.to_str().expect("utf-8"),
+            "ask",
+            file.to_str().expect("utf-8"),
+            "How much did the Red-Headed League pay per week?",
+            "--json",
+            "--max-tokens",
+            "32",
+        ],
+        &[("SLM_CHAT_PATHS_CACHE_DIR", cache_dir)],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("read 34933 tokens into"), "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("one JSON object");
+    let answer = v["answer"].as_str().unwrap_or("").to_lowercase();
+    assert!(answer.contains("4 pounds"), "{answer}");
+    assert_eq!(v["method"], "tree");
+    let nodes = v["nodes"].as_array().expect("nodes");
+    let full: Vec<&serde_json::Value> = nodes.iter().filter(|n| n["alpha"] == 1).collect();
+    assert!(!full.is_empty() && full.len() < nodes.len(), "fine and coarse nodes");
+    assert!(full.iter().any(|n| n["preview"]
+        .as_str()
+        .is_some_and(|p| p.contains("Hopkins") || p.contains("pounds"))));
+    for n in nodes {
+        assert!(n["pages"][0].as_u64().unwrap_or(0) >= 1, "{n}");
+    }
+    let m = &v["memory"];
+    let injected = m["injected_bytes"].as_u64().expect("injected_bytes");
+    let full_kv = m["full_attention_kv_bytes"].as_u64().expect("full attention");
+    assert!(injected * 3 <= full_kv, "{injected} vs {full_kv}");
+    assert!(v["timings"]["first_token_ms"].as_f64().unwrap_or(0.0) > 0.0);
+}
+
+#[test]
+fn new_commands_refuse_bad_input_in_one_line() {
+    let model = default_model();
+    let out = run(&["ingest", "/no/such/book.txt"], &model);
+    assert_one_line_error(&out, "/no/such/book.txt");
+    let file = sample();
+    let out = run(&["ask", file.to_str().expect("utf-8"), "   "], &model);
+    assert_one_line_error(&out, "the question is empty");
+    let (_dir, bad) = temp_file("bad.jsonl", b"{\"id\": 1}\n");
+    let out = run(
+        &["eval", bad.to_str().expect("utf-8"), "--books", "/tmp"],
+        &model,
+    );
+    assert_one_line_error(&out, "bad.jsonl:1:");
+    let out = run(&["cache", "rm"], &model);
+    assert_one_line_error(&out, "--all");
 }
 
 #[test]

@@ -100,7 +100,7 @@ pub fn open_or_build(
     ));
     let exe = std::env::current_exe().map_err(|e| StoreError::Io {
         path: PathBuf::from("slm-chat"),
-        source: e,
+        error: e,
     })?;
     let doc = document::load(file, &LoadOptions::new(exe))?;
     let (tree, mut report) = build(llm, file, &doc, &dir, config, say, cancel, start)?;
@@ -202,7 +202,7 @@ fn build(
         token_ids: store::token_file(&enc.ids)?,
         bm25: serde_json::to_vec(&bm25).map_err(|e| StoreError::Io {
             path: dir.join("bm25.json"),
-            source: e.into(),
+            error: e.into(),
         })?,
     };
     let plan = Plan {

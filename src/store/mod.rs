@@ -56,10 +56,11 @@ pub enum StoreError {
     Outdated { dir: PathBuf, found: u32 },
     #[error("another slm-chat is building the tree at {0}; wait for it to finish")]
     Busy(PathBuf),
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        /// Not a `source`: the message already says it, and error chains would repeat it.
+        error: std::io::Error,
     },
 }
 
@@ -70,9 +71,9 @@ impl StoreError {
     }
 
     pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
-        move |source| Self::Io {
+        move |error| Self::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         }
     }
 

@@ -117,7 +117,7 @@ impl Build {
         write_atomic(&self.dir.join(BM25), &contents.bm25)?;
         let plan = serde_json::to_vec(&self.plan).map_err(|e| StoreError::Io {
             path: self.dir.join(PLAN),
-            source: e.into(),
+            error: e.into(),
         })?;
         write_atomic(&self.dir.join(PLAN), &plan)?;
         self.save_progress()
@@ -130,7 +130,7 @@ impl Build {
         };
         let bytes = serde_json::to_vec(&progress).map_err(|e| StoreError::Io {
             path: self.dir.join(PROGRESS),
-            source: e.into(),
+            error: e.into(),
         })?;
         write_atomic(&self.dir.join(PROGRESS), &bytes)
     }
@@ -174,7 +174,7 @@ impl Build {
         let path = self.dir.join(batch_file(batch));
         let bad = |e: safetensors::SafeTensorError| StoreError::Io {
             path: path.clone(),
-            source: std::io::Error::other(e.to_string()),
+            error: std::io::Error::other(e.to_string()),
         };
         let mut tensors = BTreeMap::new();
         let mut views = Vec::with_capacity(named.len());
@@ -208,7 +208,7 @@ impl Build {
         .seal();
         let bytes = serde_json::to_vec(&manifest).map_err(|e| StoreError::Io {
             path: self.dir.join(MANIFEST),
-            source: e.into(),
+            error: e.into(),
         })?;
         write_atomic(&self.dir.join(MANIFEST), &bytes)?;
         for name in [PROGRESS, PLAN] {
