@@ -48,7 +48,10 @@ pub enum EvalError {
         reason: String,
     },
     #[error("{path}: {error}")]
-    Io { path: PathBuf, error: std::io::Error },
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("case {id}: {reason}")]
     Case { id: String, reason: String },
 }

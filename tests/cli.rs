@@ -137,14 +137,21 @@ fn the_readme_question_is_answered_from_the_tree() {
         &[("SLM_CHAT_PATHS_CACHE_DIR", cache_dir)],
     );
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(out.stderr.contains("read 34933 tokens into"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("read 34933 tokens into"),
+        "{}",
+        out.stderr
+    );
     let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("one JSON object");
     let answer = v["answer"].as_str().unwrap_or("").to_lowercase();
     assert!(answer.contains("4 pounds"), "{answer}");
     assert_eq!(v["method"], "tree");
     let nodes = v["nodes"].as_array().expect("nodes");
     let full: Vec<&serde_json::Value> = nodes.iter().filter(|n| n["alpha"] == 1).collect();
-    assert!(!full.is_empty() && full.len() < nodes.len(), "fine and coarse nodes");
+    assert!(
+        !full.is_empty() && full.len() < nodes.len(),
+        "fine and coarse nodes"
+    );
     assert!(full.iter().any(|n| n["preview"]
         .as_str()
         .is_some_and(|p| p.contains("Hopkins") || p.contains("pounds"))));
@@ -153,7 +160,9 @@ fn the_readme_question_is_answered_from_the_tree() {
     }
     let m = &v["memory"];
     let injected = m["injected_bytes"].as_u64().expect("injected_bytes");
-    let full_kv = m["full_attention_kv_bytes"].as_u64().expect("full attention");
+    let full_kv = m["full_attention_kv_bytes"]
+        .as_u64()
+        .expect("full attention");
     assert!(injected * 3 <= full_kv, "{injected} vs {full_kv}");
     assert!(v["timings"]["first_token_ms"].as_f64().unwrap_or(0.0) > 0.0);
 }

@@ -35,6 +35,9 @@ pub enum StopReason {
     /// The next position would pass the model's native window.
     ContextFull,
     Cancelled,
+    /// The answer fell into a loop (the same run of tokens four times in a row): greedy
+    /// decoding of a small model does this, and nothing new would follow.
+    Repetition,
 }
 
 impl std::fmt::Display for StopReason {
@@ -44,6 +47,7 @@ impl std::fmt::Display for StopReason {
             Self::MaxTokens => "token limit reached",
             Self::ContextFull => "context window full",
             Self::Cancelled => "stopped",
+            Self::Repetition => "stopped a loop",
         })
     }
 }
@@ -140,6 +144,17 @@ impl Sampler {
     }
 }
 
+/// Whether `tokens` ends with the same run of 2–32 tokens four times in a row.
+fn looping(tokens: &[u32]) -> bool {
+    const TIMES: usize = 4;
+    (2..=32).any(|n| {
+        tokens.len() >= n * TIMES && {
+            let tail = &tokens[tokens.len() - n * TIMES..];
+            tail.chunks_exact(n).all(|c| c == &tail[..n])
+        }
+    })
+}
+
 /// Index of the largest logit (the first one on ties, as llama.cpp does).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -205,6 +220,9 @@ pub fn generate(
         if tokens.len() >= params.max_tokens {
             break StopReason::MaxTokens;
         }
+        if looping(&tokens) {
+            break StopReason::Repetition;
+        }
         if cache.next_position() >= window {
             break StopReason::ContextFull;
         }
@@ -227,6 +245,19 @@ pub fn generate(
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn a_run_repeated_four_times_is_a_loop() {
+        let l = [7, 8, 9];
+        let looped: Vec<u32> = [&[1, 2][..], &l, &l, &l, &l].concat();
+        assert!(looping(&looped));
+        assert!(!looping(&looped[..looped.len() - 1]));
+        assert!(
+            !looping(&[5, 5, 5, 5, 5, 5]),
+            "one token repeated is not a loop here"
+        );
+        assert!(!looping(&[1, 2, 3, 4, 5, 6, 7, 8, 9]));
+    }
 
     #[test]
     fn greedy_takes_the_first_maximum() {
