@@ -712,8 +712,12 @@ fn ask_tree(config: &Config, file: &Path, question: &str, json: bool) -> Result<
         if s.needs_rebuild() {
             // Damage found in a tensor the question read: build the tree again, once.
             eprintln!("slm-chat: {s}; building it again");
-            store::remove(session.tree().dir())?;
-            let tree = open_tree(&llm, config, file)?;
+            let cancel = AtomicBool::new(false);
+            let bar = progress_bar(file);
+            let mut say = |p: &Progress| show_progress(&bar, p);
+            let result = engine::ingest::rebuild(&llm, file, config, s, &mut say, &cancel);
+            bar.finish_and_clear();
+            let (tree, _) = result.map_err(|e| engine_error(file, e))?;
             session = TreeSession::new(&llm, tree)?;
             answer = session.ask(question, &config.search, &params, &cancel, &mut stream);
         }

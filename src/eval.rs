@@ -77,6 +77,13 @@ pub fn load_cases(path: &Path) -> Result<Vec<Case>, EvalError> {
             case.depth.is_some(),
             case.needle_sentence.is_some(),
         ];
+        if case.depth.is_some_and(|d| !(0.0..=1.0).contains(&d)) {
+            return Err(EvalError::Line {
+                path: path.into(),
+                line: i + 1,
+                reason: "depth must be between 0 and 1".into(),
+            });
+        }
         if needle_fields.iter().any(|&x| x) && !needle_fields.iter().all(|&x| x) {
             return Err(EvalError::Line {
                 path: path.into(),
@@ -255,11 +262,6 @@ pub fn oracle_text(case: &Case, book: &str) -> Result<(String, usize), EvalError
     Ok((chars[lo..hi].iter().collect(), before.len()))
 }
 
-/// The byte offset of character `at` in `text`.
-pub fn byte_offset(text: &str, at: usize) -> usize {
-    text.char_indices().nth(at).map_or(text.len(), |(i, _)| i)
-}
-
 /// `score_answer()`: `answer` (or an alias) inside `output`.
 pub fn correct(case: &Case, output: &str) -> bool {
     let norm = |s: &str| {
@@ -290,7 +292,7 @@ pub struct CaseResult {
     pub kv_bytes: usize,
     pub full_attention_kv_bytes: Option<usize>,
     pub peak_rss_bytes: Option<u64>,
-    /// Whether the needle's (or the evidence's) text was among the full-resolution nodes.
+    /// Whether the whole needle was among the full-resolution nodes (needle cases, tree).
     pub evidence_read: Option<bool>,
     pub error: Option<String>,
 }
@@ -416,11 +418,9 @@ pub struct EvalPlan {
     pub work_dir: PathBuf,
 }
 
-/// One case's document: its file and where its evidence lies.
+/// One case's document.
 struct Doc {
     path: PathBuf,
-    /// Byte range of the needle (or the start of a question's evidence).
-    evidence: std::ops::Range<usize>,
 }
 
 fn document(plan: &EvalPlan, case: &Case) -> anyhow::Result<Doc> {
@@ -428,32 +428,22 @@ fn document(plan: &EvalPlan, case: &Case) -> anyhow::Result<Doc> {
     let book_path = plan.books.join(format!("{}.txt", case.book));
     let book = std::fs::read_to_string(&book_path)
         .with_context(|| format!("case {}: {}", case.id, book_path.display()))?;
-    let needle = case
-        .needle_sentence
-        .as_deref()
-        .unwrap_or_default()
-        .trim()
-        .len();
-    let (text, at, name) = if plan.oracle {
-        let (t, at) = oracle_text(case, &book)?;
-        (t, at, format!("{}.oracle.txt", case.id))
+    let (text, name) = if plan.oracle {
+        (
+            oracle_text(case, &book)?.0,
+            format!("{}.oracle.txt", case.id),
+        )
     } else if case.is_needle() {
-        let (t, at) = materialize(case, &book)?;
-        (t, at, format!("{}.txt", case.id))
+        (materialize(case, &book)?.0, format!("{}.txt", case.id))
     } else {
-        let at = byte_offset(&book, case.char_offset.unwrap_or(0));
-        return Ok(Doc {
-            path: book_path,
-            evidence: at..at + 1,
-        });
+        return Ok(Doc { path: book_path });
     };
-    let evidence = at..at + needle.max(1);
     std::fs::create_dir_all(&plan.work_dir).with_context(|| plan.work_dir.display().to_string())?;
     let path = plan.work_dir.join(name);
     if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
         crate::store::write_file(&path, text.as_bytes())?;
     }
-    Ok(Doc { path, evidence })
+    Ok(Doc { path })
 }
 
 /// Run every case of `plan`, telling `say` about each as it finishes.
@@ -546,9 +536,16 @@ pub fn run(
         };
         let r = match answer {
             Ok(a) => {
-                // Every byte of the evidence inside some full-resolution node.
-                let read = (method == Method::Tree).then(|| {
-                    doc.evidence.clone().all(|b| {
+                // Every byte of the needle inside some full-resolution node. Node offsets
+                // point into the tree's (normalised) text, so the needle is found there;
+                // book questions have no exact span to check.
+                let needle = case.needle_sentence.as_deref().map(str::trim);
+                let span = match (&session, needle) {
+                    (Some((_, s)), Some(n)) => s.tree().text().find(n).map(|at| at..at + n.len()),
+                    _ => None,
+                };
+                let read = span.map(|span| {
+                    span.clone().all(|b| {
                         a.nodes
                             .iter()
                             .any(|n| n.alpha == 1 && n.chars.0 <= b && b < n.chars.1)

@@ -71,10 +71,38 @@ pub fn open_or_build(
     say: &mut dyn FnMut(&Progress),
     cancel: &AtomicBool,
 ) -> Result<(Tree, IngestReport), EngineError> {
+    open_or_rebuild(llm, file, config, verify, None, say, cancel)
+}
+
+/// Build the tree of `file` again because `why` (damage found while reading it).
+pub fn rebuild(
+    llm: &Llm,
+    file: &Path,
+    config: &Config,
+    why: &StoreError,
+    say: &mut dyn FnMut(&Progress),
+    cancel: &AtomicBool,
+) -> Result<(Tree, IngestReport), EngineError> {
+    open_or_rebuild(llm, file, config, false, Some(why.to_string()), say, cancel)
+}
+
+fn open_or_rebuild(
+    llm: &Llm,
+    file: &Path,
+    config: &Config,
+    verify: bool,
+    damaged: Option<String>,
+    say: &mut dyn FnMut(&Progress),
+    cancel: &AtomicBool,
+) -> Result<(Tree, IngestReport), EngineError> {
     let start = Instant::now();
     let dir = tree_dir(llm, file, config)?;
-    let mut rebuilt = None;
-    let opened = Tree::open(&dir).and_then(|t| {
+    let mut rebuilt = damaged;
+    let opened = match &rebuilt {
+        Some(why) => Err(StoreError::corrupt(&dir, why.clone())),
+        None => Tree::open(&dir),
+    };
+    let opened = opened.and_then(|t| {
         if verify {
             say(&note(Stage::Open, "checking the stored tree".into()));
             t.verify_all()?;
@@ -87,9 +115,9 @@ pub fn open_or_build(
             return Ok((tree, report));
         }
         Err(e) if e.needs_rebuild() => {
+            // Cleared and rebuilt under the build lock, never deleted from outside it.
             say(&note(Stage::Open, format!("{e}; building it again")));
-            store::remove(&dir)?;
-            rebuilt = Some(e.to_string());
+            rebuilt.get_or_insert(e.to_string());
         }
         Err(StoreError::Missing(_) | StoreError::Partial(_)) => {}
         Err(e) => return Err(e.into()),
@@ -103,9 +131,20 @@ pub fn open_or_build(
         error: e,
     })?;
     let doc = document::load(file, &LoadOptions::new(exe))?;
-    let (tree, mut report) = build(llm, file, &doc, &dir, config, say, cancel, start)?;
-    report.rebuilt = rebuilt;
-    Ok((tree, report))
+    let replace = rebuilt.is_some();
+    match build(llm, file, &doc, &dir, config, replace, say, cancel, start) {
+        Ok((tree, mut report)) => {
+            report.rebuilt = rebuilt;
+            Ok((tree, report))
+        }
+        // Another slm-chat finished it while this one read the document.
+        Err(EngineError::Store(StoreError::Finished(_))) => {
+            let tree = Tree::open(&dir)?;
+            let report = report(file, &tree, start, false, 0, 0, None);
+            Ok((tree, report))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn note(stage: Stage, message: String) -> Progress {
@@ -126,6 +165,7 @@ fn build(
     doc: &Document,
     dir: &Path,
     config: &Config,
+    replace: bool,
     say: &mut dyn FnMut(&Progress),
     cancel: &AtomicBool,
     start: Instant,
@@ -223,8 +263,9 @@ fn build(
         token_ids: Sum::of(&contents.token_ids),
         bm25: Sum::of(&contents.bm25),
     };
-    let mut build = Build::begin(dir, plan, &contents)?;
+    // Settings the model cannot run fail before anything is written.
     let encoder = Encoder::new(&llm.model, cfg)?;
+    let mut build = Build::begin(dir, plan, &contents, replace)?;
     let per = t.batch_chunks;
     let total = chunks.len();
     let resumed = (build.batches_done() * per).min(total);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::{Done, Event, NodeView, Progress, Request, SessionOptions, Stage, Stats, TreeView};
 use crate::engine::{ingest, EngineError, NodeHit, TreeSession};
 use crate::model::{self, Llm, SamplingParams};
-use crate::store::Tree;
+use crate::store::{StoreError, Tree};
 use crate::tree::layout::node_at;
 
 /// Report to the UI; a closed channel means the UI has gone, and the worker ends with it.
@@ -80,8 +80,43 @@ pub(super) fn run(
             Request::Quit => return,
             Request::Ask(question) => {
                 cancel.store(false, Ordering::SeqCst);
-                if !answer(&opts, &mut session, &question, &cancel, &out, &base) {
-                    return;
+                match answer(&opts, &mut session, &question, &cancel, &out, &base) {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(damage) => {
+                        // A tensor the question read failed its checksum: build the tree
+                        // again (showing progress), then go on with the new one.
+                        let mut say = |p: &Progress| {
+                            out.send(Event::Progress(p.clone()));
+                        };
+                        let rebuilt = ingest::rebuild(
+                            &llm,
+                            &opts.file,
+                            &opts.config,
+                            &damage,
+                            &mut say,
+                            &cancel,
+                        )
+                        .and_then(|(tree, _)| {
+                            let view = tree_view(&opts, &tree);
+                            Ok((TreeSession::new(&llm, tree)?, view))
+                        });
+                        match rebuilt {
+                            Ok((s, view)) => {
+                                session = s;
+                                if !out.send(Event::Ready(view)) {
+                                    return;
+                                }
+                                out.send(Event::Error(format!(
+                                    "{damage}; it was built again — ask the question again"
+                                )));
+                            }
+                            Err(e) => {
+                                out.send(Event::Error(e.to_string()));
+                                return;
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -172,7 +207,8 @@ fn node_view(n: &NodeHit) -> NodeView {
     }
 }
 
-/// Answer one question; false when the UI has gone.
+/// Answer one question; false when the UI has gone, the damage when the stored tree failed
+/// a checksum.
 fn answer(
     opts: &SessionOptions,
     session: &mut TreeSession,
@@ -180,7 +216,7 @@ fn answer(
     cancel: &AtomicBool,
     out: &Reporter,
     base: &Stats,
-) -> bool {
+) -> Result<bool, StoreError> {
     let g = &opts.config.generate;
     let params = SamplingParams {
         temperature: g.temperature as f32,
@@ -230,12 +266,13 @@ fn answer(
                 mapped_bytes: a.memory.mapped_bytes.unwrap_or(0),
                 ..base.clone()
             })));
-            alive.get()
+            Ok(alive.get()
                 && out.send(Event::Done(Done {
                     answer: a.answer,
                     stop: a.stop.to_string(),
-                }))
+                })))
         }
-        Err(e) => out.send(Event::Error(e.to_string())),
+        Err(EngineError::Store(s)) if s.needs_rebuild() => Err(s),
+        Err(e) => Ok(out.send(Event::Error(e.to_string()))),
     }
 }

@@ -56,6 +56,8 @@ pub enum StoreError {
     Outdated { dir: PathBuf, found: u32 },
     #[error("another slm-chat is building the tree at {0}; wait for it to finish")]
     Busy(PathBuf),
+    #[error("the tree at {0} was finished by another slm-chat")]
+    Finished(PathBuf),
     #[error("{path}: {error}")]
     Io {
         path: PathBuf,
@@ -180,8 +182,14 @@ impl Plan {
         self.chunks.len().div_ceil(self.config.batch_chunks)
     }
 
+    /// What a resumed build must match: everything but the file name (the same bytes under
+    /// another name resume).
     fn sum(&self) -> String {
-        blake3::hash(&serde_json::to_vec(self).unwrap_or_default())
+        let unnamed = Plan {
+            source: String::new(),
+            ..self.clone()
+        };
+        blake3::hash(&serde_json::to_vec(&unnamed).unwrap_or_default())
             .to_hex()
             .to_string()
     }

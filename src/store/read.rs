@@ -85,9 +85,17 @@ impl Tree {
     pub fn open(dir: &Path) -> Result<Self> {
         let manifest = read_manifest(dir)?;
         let plan = &manifest.plan;
+        // A file the manifest lists and the disk lacks is damage, not an I/O error.
+        let gone = |path: &Path, e: std::io::Error| -> StoreError {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                StoreError::corrupt(dir, format!("{} is missing", path.display()))
+            } else {
+                StoreError::io(path)(e)
+            }
+        };
         let read_checked = |name: &str, sum: &Sum| -> Result<Vec<u8>> {
             let path = dir.join(name);
-            let bytes = std::fs::read(&path).map_err(StoreError::io(&path))?;
+            let bytes = std::fs::read(&path).map_err(|e| gone(&path, e))?;
             if Sum::of(&bytes) != *sum {
                 return Err(StoreError::corrupt(dir, format!("{name} checksum")));
             }
@@ -102,7 +110,7 @@ impl Tree {
         let mut slots = HashMap::new();
         for (i, b) in manifest.batches.iter().enumerate() {
             let path = dir.join(&b.file);
-            let file = std::fs::File::open(&path).map_err(StoreError::io(&path))?;
+            let file = std::fs::File::open(&path).map_err(|e| gone(&path, e))?;
             let len = file.metadata().map_err(StoreError::io(&path))?.len();
             if len != b.bytes {
                 return Err(StoreError::corrupt(
@@ -118,7 +126,9 @@ impl Tree {
             let st = safetensors::SafeTensors::deserialize(&map)
                 .map_err(|e| StoreError::corrupt(dir, format!("{}: {e}", b.file)))?;
             let base = map.as_ptr() as usize;
+            let mut in_file = 0;
             for (name, view) in st.tensors() {
+                in_file += 1;
                 let Some(sum) = b.tensors.get(&name) else {
                     return Err(StoreError::corrupt(
                         dir,
@@ -136,7 +146,7 @@ impl Tree {
                     },
                 );
             }
-            if slots.len() < b.tensors.len() {
+            if in_file != b.tensors.len() {
                 return Err(StoreError::corrupt(
                     dir,
                     format!("{}: missing tensors", b.file),

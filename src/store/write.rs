@@ -41,8 +41,10 @@ pub fn token_file(ids: &[u32]) -> Result<Vec<u8>> {
 impl Build {
     /// Start building `plan` in `dir`, or resume a build of the same plan that was stopped.
     ///
-    /// `contents` must be what `plan`'s sums describe.
-    pub fn begin(dir: &Path, plan: Plan, contents: &Contents) -> Result<Self> {
+    /// `contents` must be what `plan`'s sums describe. A finished tree found in `dir` once
+    /// the lock is held (another process just built it) is [`StoreError::Finished`], unless
+    /// `replace` (the caller found it damaged): then it is cleared and built again.
+    pub fn begin(dir: &Path, plan: Plan, contents: &Contents, replace: bool) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(StoreError::io(dir))?;
         let lock_path = dir.join(LOCK);
         let lock = File::create(&lock_path).map_err(StoreError::io(&lock_path))?;
@@ -50,6 +52,17 @@ impl Build {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::Busy(dir.into())),
             Err(std::fs::TryLockError::Error(e)) => return Err(StoreError::io(&lock_path)(e)),
+        }
+        if !replace && super::read::read_manifest(dir).is_ok() {
+            return Err(StoreError::Finished(dir.into()));
+        }
+        // Half-written files of a killed write are never part of the tree.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
         }
         let plan_sum = plan.sum();
         let mut build = Self {
@@ -59,7 +72,7 @@ impl Build {
             done: Vec::new(),
             _lock: lock,
         };
-        match build.resumable() {
+        match build.resumable().filter(|_| !replace) {
             Some(done) => build.done = done,
             None => build.start_fresh(contents)?,
         }

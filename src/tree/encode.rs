@@ -65,7 +65,8 @@ impl<'m> Encoder<'m> {
         let n_layer = model.config().n_layer;
         if cfg.layers == 0 || cfg.layers > n_layer || cfg.vector_layer >= n_layer {
             return Err(ModelError::Input(format!(
-                "tree layers {} / vector layer {} do not fit a {n_layer}-layer model",
+                "tree.lower_layers = {} and tree.vector_layer = {} must fit the model's \
+                 {n_layer} layers (lower_layers ≤ {n_layer}, vector_layer < {n_layer})",
                 cfg.layers, cfg.vector_layer
             )));
         }

@@ -284,10 +284,13 @@ fn best_first(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
         .total
         .saturating_sub(budget.fine)
         .max(budget.total / 4);
+    // A level kept at α = 1 counts against the full-resolution budget like a leaf.
+    let fine_cost = |s: &Selected| if s.alpha == 1 { s.entries } else { 0 };
     for chunk in chunks_by_score(scores, shape) {
         let s = node(shape, scores, chunk, 0, 0, shape.alpha[0]);
-        if used + s.entries <= coarse_room {
+        if used + s.entries <= coarse_room && fine + fine_cost(&s) <= budget.fine {
             used += s.entries;
+            fine += fine_cost(&s);
             start.push(slots.len());
             slots.push(Some(s));
         }
@@ -365,11 +368,15 @@ fn best_first(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
             node(shape, scores, cur.chunk, level, 2 * cur.index + 1, a),
         ];
         let cost: usize = kids.iter().map(|k| k.entries).sum();
-        // `used` always includes `cur.entries`.
-        if used - cur.entries + cost > budget.total {
+        let kids_fine: usize = kids.iter().map(fine_cost).sum();
+        // `used` always includes `cur.entries` (and `fine` its own, if any).
+        if used - cur.entries + cost > budget.total
+            || fine - fine_cost(&cur) + kids_fine > budget.fine
+        {
             continue;
         }
         used = used + cost - cur.entries;
+        fine = fine - fine_cost(&cur) + kids_fine;
         slots[slot] = None;
         for k in kids {
             heap.push(Item {
@@ -412,15 +419,24 @@ mod tests {
         let scores: Vec<f32> = (0..lens.len() * per)
             .map(|i| ((i * 7919) % 101) as f32 / 101.0)
             .collect();
-        for (total, fine) in [(60, 0), (200, 64), (400, 150), (1000, 300), (3000, 3000)] {
-            let b = Budget { total, fine };
-            let sel = select(Policy::Budget, &scores, &shape, b);
-            let used: usize = sel.iter().map(|s| s.entries).sum();
-            let fine_used: usize = sel.iter().filter(|s| s.alpha == 1).map(|s| s.entries).sum();
-            assert!(
-                used <= total && fine_used <= fine,
-                "{total}/{fine}: {used}/{fine_used}"
-            );
+        // Also with the deepest level kept at α = 1: it counts as full resolution too.
+        let alpha_fine = [32, 16, 8, 1];
+        for a in [&alpha[..], &alpha_fine[..]] {
+            let shape = Shape {
+                height: 3,
+                alpha: a,
+                node_lens: &lens,
+            };
+            for (total, fine) in [(60, 0), (200, 64), (400, 150), (1000, 300), (3000, 3000)] {
+                let b = Budget { total, fine };
+                let sel = select(Policy::Budget, &scores, &shape, b);
+                let used: usize = sel.iter().map(|s| s.entries).sum();
+                let fine_used: usize = sel.iter().filter(|s| s.alpha == 1).map(|s| s.entries).sum();
+                assert!(
+                    used <= total && fine_used <= fine,
+                    "{a:?} {total}/{fine}: {used}/{fine_used}"
+                );
+            }
         }
         let doc: usize = lens.iter().map(|l| l[0]).sum();
         let sel = select(
