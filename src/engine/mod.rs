@@ -1,10 +1,12 @@
 //! One question end to end: build the prompt around the document, run the model, stream the
 //! answer, measure it.
 //!
-//! The methods here are the ones that need no context tree: `truncate` (start and end of the
-//! document, the middle cut, full attention), `full` (the whole document, only when it fits
-//! the window) and `rag` (the BM25-best chunks as text). They are also the baselines the tree
-//! is measured against.
+//! `tree` answers from a stored context tree ([`TreeSession`], built by [`ingest`]); the
+//! methods in this file need no tree and are the baselines it is measured against, in the
+//! same engine with the same model: `truncate` (start and end of the document, the middle
+//! cut, full attention), `full` (the whole document, only when it fits the window), `rag`
+//! (the BM25-best chunks as text) and `stream` (StreamingLLM's state after reading: the
+//! prompt's first tokens as attention sink and the most recent document tokens that fit).
 
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;

@@ -50,27 +50,8 @@ pub struct Progress {
     pub message: String,
 }
 
-/// One node of the context tree, as the UI shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeView {
-    pub chunk: usize,
-    /// 0 = the whole chunk; level `w` has `2^w` nodes.
-    pub level: usize,
-    /// Position within its level of its chunk (0-based, left to right).
-    pub index: usize,
-    /// Tokens per kept KV entry: 1 = full resolution.
-    pub alpha: usize,
-    /// How well the node matched the question (higher is better; 0 before any question).
-    pub score: f32,
-    /// Document token range `[start, end)`.
-    pub tokens: (usize, usize),
-    /// Byte range of its text in [`TreeView::text`].
-    pub chars: (usize, usize),
-    /// First and last page (1-based).
-    pub pages: (u32, u32),
-    /// The first words of its text, on one line.
-    pub preview: String,
-}
+/// One node of the context tree, as the UI shows it (the same record `ask --json` prints).
+pub type NodeView = super::NodeHit;
 
 /// The document and its tree, sent once when the worker is ready.
 #[derive(Debug, Clone, PartialEq)]

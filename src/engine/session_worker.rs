@@ -193,20 +193,6 @@ fn with_rss(mut s: Stats) -> Stats {
     s
 }
 
-fn node_view(n: &NodeHit) -> NodeView {
-    NodeView {
-        chunk: n.chunk,
-        level: n.level,
-        index: n.index,
-        alpha: n.alpha,
-        score: n.score,
-        tokens: n.tokens,
-        chars: n.chars,
-        pages: n.pages,
-        preview: n.preview.clone(),
-    }
-}
-
 /// Answer one question; false when the UI has gone, the damage when the stored tree failed
 /// a checksum.
 fn answer(
@@ -233,7 +219,7 @@ fn answer(
         .budget(&opts.config.search, 64, params.max_tokens)
         .total;
     let mut on_nodes = |nodes: &[NodeHit], entries: usize| {
-        let sent = out.send(Event::Expanded(nodes.iter().map(node_view).collect()))
+        let sent = out.send(Event::Expanded(nodes.to_vec()))
             && out.send(Event::Stats(with_rss(Stats {
                 injected_tokens: entries,
                 injected_bytes: entries as u64 * kv_per_entry,

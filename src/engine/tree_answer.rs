@@ -9,7 +9,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{prompt_parts, timings, Answer, EngineError, Memory, Method, PromptParts};
 use crate::config::{Positions, SearchSettings};
@@ -19,19 +19,26 @@ use crate::tree::layout::{level_rows, node_number, node_spans};
 use crate::tree::search::{self, Budget, Index, Query, Selected, Shape};
 use crate::tree::Encoder;
 
-/// A node that went into an answer, as `ask --json` and the TUI show it.
-#[derive(Debug, Clone, Serialize)]
+/// A node of the tree as `ask --json` and the TUI show it: one that went into an answer, or
+/// (score 0) one of the tree's nodes before any question.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeHit {
     pub chunk: usize,
+    /// 0 = the whole chunk; level `w` has `2^w` nodes.
     pub level: usize,
+    /// Position within its level of its chunk (0-based, left to right).
     pub index: usize,
+    /// Tokens per kept KV entry: 1 = full resolution.
     pub alpha: usize,
+    /// How well the node matched the question (higher is better).
     pub score: f32,
     /// Document token range `[start, end)`.
     pub tokens: (usize, usize),
-    /// Byte range of its text.
+    /// Byte range of its text in the document text.
     pub chars: (usize, usize),
+    /// First and last page (1-based).
     pub pages: (u32, u32),
+    /// The first words of its text, on one line.
     pub preview: String,
 }
 
