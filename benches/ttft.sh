@@ -25,18 +25,17 @@ def load(m, i):
     return a, rss
 res = {m: [load(m, i) for i in range(1, runs + 1)] for m in ("tree", "rag")}
 med = lambda xs: statistics.median(xs)
-t = med([a["timings"]["first_token_ms"] for a, _ in res["tree"]])
-r = med([a["timings"]["first_token_ms"] for a, _ in res["rag"]])
+ft = lambda m: [a["timings"]["first_token_ms"] for a, _ in res[m]]
+t, r = med(ft("tree")), med(ft("rag"))
 a = res["tree"][0][0]
-print(f"document tokens {a['document_tokens']}; answer (tree): {a['answer'][:80]!r}; (rag): {res['rag'][0][0]['answer'][:80]!r}")
-print(f"time to first token, median of {runs}: tree {t:.0f} ms "
-      f"({', '.join(f'{x[0][\"timings\"][\"first_token_ms\"]:.0f}' for x in res['tree'])}; "
-      f"open {med([x[0]['timings']['open_ms'] for x in res['tree']]):.0f} ms, search {med([x[0]['timings']['search_ms'] for x in res['tree']]):.0f} ms, "
-      f"inject {med([x[0]['timings']['inject_ms'] for x in res['tree']]):.0f} ms), "
-      f"rag {r:.0f} ms ({', '.join(f'{x[0][\"timings\"][\"first_token_ms\"]:.0f}' for x in res['rag'])}): **{r / t:.1f}×**")
+runs_tree = ", ".join("%.0f" % x for x in ft("tree"))
+runs_rag = ", ".join("%.0f" % x for x in ft("rag"))
+part = lambda k: med([x[0]["timings"][k] for x in res["tree"]])
+print("document tokens %d; answer (tree): %r; (rag): %r" % (a["document_tokens"], a["answer"][:80], res["rag"][0][0]["answer"][:80]))
+print("time to first token, median of %d: tree %.0f ms (%s; open %.0f ms, search %.0f ms, inject %.0f ms), rag %.0f ms (%s): **%.1fx**"
+      % (runs, t, runs_tree, part("open_ms"), part("search_ms"), part("inject_ms"), r, runs_rag, r / t))
 m = a["memory"]
-print(f"memory (tree): injected KV {m['injected_entries']} entries = {m['injected_bytes'] / 1e6:.1f} MB; "
-      f"full attention over the document would need {m['full_attention_kv_bytes'] / 1e9:.2f} GB (f16): "
-      f"{m['full_attention_kv_bytes'] / m['injected_bytes']:.0f}× more; "
-      f"peak RSS tree {med([x[1] for x in res['tree']]) / 1e6:.0f} MB, rag {med([x[1] for x in res['rag']]) / 1e6:.0f} MB")
+print("memory (tree): injected KV %d entries = %.1f MB; full attention over the document would need %.2f GB (f16): %.0fx more; peak RSS tree %.0f MB, rag %.0f MB"
+      % (m["injected_entries"], m["injected_bytes"] / 1e6, m["full_attention_kv_bytes"] / 1e9, m["full_attention_kv_bytes"] / m["injected_bytes"],
+         med([x[1] for x in res["tree"]]) / 1e6, med([x[1] for x in res["rag"]]) / 1e6))
 PY
