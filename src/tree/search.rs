@@ -511,9 +511,15 @@ mod tests {
         assert_eq!(c0, vec![(1, 0), (2, 2), (3, 6), (3, 7)]);
     }
 
-    #[test]
-    fn a_leaf_read_in_full_brings_its_neighbours() {
-        let lens = shape_of(&[512; 6], 3);
+    /// The nodes read at full resolution, `(chunk, level, index)`, when `chunks` chunks of
+    /// 512 tokens score 0.1 except one path in chunk `hot` (down to leaf `leaf`) at 0.9.
+    fn full_leaves(
+        chunks: usize,
+        hot: usize,
+        leaf: usize,
+        budget: Budget,
+    ) -> Vec<(usize, usize, usize)> {
+        let lens = shape_of(&vec![512; chunks], 3);
         let alpha = [32, 16, 8, 4];
         let shape = Shape {
             height: 3,
@@ -521,53 +527,36 @@ mod tests {
             node_lens: &lens,
         };
         let per = nodes_per_chunk(3);
-        let mut scores = vec![0.1f32; 6 * per];
-        // The best leaf is the last of chunk 2: its right neighbour is chunk 3's first leaf.
-        for n in [0, node_number(1, 1), node_number(2, 3), node_number(3, 7)] {
-            scores[2 * per + n] = 0.9;
+        let mut scores = vec![0.1f32; chunks * per];
+        for level in 0..=3 {
+            scores[hot * per + node_number(level, leaf >> (3 - level))] = 0.9;
         }
-        let sel = select(
-            Policy::Budget,
-            &scores,
-            &shape,
-            Budget {
-                total: 2000,
-                fine: 192,
-            },
-        );
-        let full: Vec<(usize, usize)> = sel
+        select(Policy::Budget, &scores, &shape, budget)
             .iter()
             .filter(|s| s.alpha == 1)
-            .map(|s| (s.chunk, s.index))
-            .collect();
-        assert_eq!(full, vec![(2, 6), (2, 7), (3, 0)]);
+            .map(|s| (s.chunk, s.level, s.index))
+            .collect()
+    }
+
+    #[test]
+    fn a_leaf_read_in_full_brings_its_neighbours() {
+        // The best leaf is the last of chunk 2: its right neighbour is chunk 3's first leaf.
+        let budget = Budget {
+            total: 2000,
+            fine: 192,
+        };
+        assert_eq!(
+            full_leaves(6, 2, 7, budget),
+            vec![(2, 3, 6), (2, 3, 7), (3, 3, 0)]
+        );
     }
 
     #[test]
     fn the_best_leaf_reaches_full_resolution_first() {
-        let lens = shape_of(&[512; 20], 3);
-        let alpha = [32, 16, 8, 4];
-        let shape = Shape {
-            height: 3,
-            alpha: &alpha,
-            node_lens: &lens,
+        let budget = Budget {
+            total: 20 * 16 + 200,
+            fine: 64,
         };
-        let per = nodes_per_chunk(3);
-        let mut scores = vec![0.1f32; 20 * per];
-        for n in [0, node_number(1, 1), node_number(2, 2), node_number(3, 5)] {
-            scores[13 * per + n] = 0.9;
-        }
-        let sel = select(
-            Policy::Budget,
-            &scores,
-            &shape,
-            Budget {
-                total: 20 * 16 + 200,
-                fine: 64,
-            },
-        );
-        let full: Vec<&Selected> = sel.iter().filter(|s| s.alpha == 1).collect();
-        assert_eq!(full.len(), 1);
-        assert_eq!((full[0].chunk, full[0].level, full[0].index), (13, 3, 5));
+        assert_eq!(full_leaves(20, 13, 5, budget), vec![(13, 3, 5)]);
     }
 }
