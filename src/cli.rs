@@ -142,7 +142,7 @@ enum Command {
 /// Overrides of `[search]` for one run.
 #[derive(clap::Args, Debug, Default)]
 struct SearchFlags {
-    /// How nodes are scored: paper, hidden, bm25 or hybrid.
+    /// How nodes are scored: paper, hidden, bm25, hybrid or bm25chunk.
     #[arg(long, value_enum)]
     scorer: Option<Scorer>,
     /// budget (best-first under two budgets) or paper (Algorithm 1 per chunk).

@@ -231,7 +231,10 @@ impl<'a> TreeSession<'a> {
     ) -> Result<Vec<Selected>, EngineError> {
         let plan = &self.tree.manifest().plan;
         let m = &self.llm.model;
-        let needs_vectors = !matches!(settings.scorer, search::Scorer::Bm25);
+        let needs_vectors = matches!(
+            settings.scorer,
+            search::Scorer::Paper | search::Scorer::Hidden | search::Scorer::Hybrid
+        );
         let (paper, hidden) = if needs_vectors {
             (self.paper_query(parts)?, self.hidden_query(question)?)
         } else {

@@ -24,6 +24,9 @@ pub enum Scorer {
     Bm25,
     /// The mean of `bm25` (scaled to [0, 1] per level) and `hidden` (clamped at 0).
     Hybrid,
+    /// `bm25` of the node averaged with `bm25` of its whole chunk: a small node is ranked by
+    /// the passage around it too (questions share few words with a 64-token leaf).
+    Bm25chunk,
 }
 
 /// How the selection grows.
@@ -128,6 +131,13 @@ pub fn score(scorer: Scorer, index: &Index, query: &Query, shape: &Shape) -> Vec
         Scorer::Paper => cos(index.paper, query.paper),
         Scorer::Hidden => cos(index.hidden, query.hidden),
         Scorer::Bm25 => bm25(),
+        Scorer::Bm25chunk => {
+            let b = bm25();
+            b.iter()
+                .enumerate()
+                .map(|(i, &x)| 0.5 * x + 0.5 * b[i - i % per])
+                .collect()
+        }
         Scorer::Hybrid => {
             let h = cos(index.hidden, query.hidden);
             bm25()
