@@ -12,7 +12,7 @@ use crate::config::{user_config_path, Config, Positions, SearchSettings};
 use crate::document::{self, LoadOptions, PdfWorkerArgs};
 use crate::engine::session::Progress;
 use crate::engine::{self, AskSettings, EngineError, Method, TreeSession};
-use crate::model::{self, DeviceChoice, Llm, SamplingParams};
+use crate::model::{self, DeviceChoice, Llm};
 use crate::tree::search::{Policy, Scorer};
 use crate::{bench, eval, store, sys};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -334,7 +334,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 "cases": results,
             });
             if let Some(path) = &out {
-                store::write_file(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+                store::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -412,16 +412,6 @@ fn load_document(file: &Path, all_notes: bool) -> Result<document::Document> {
     Ok(doc)
 }
 
-fn sampling(config: &Config) -> SamplingParams {
-    let g = &config.generate;
-    SamplingParams {
-        temperature: g.temperature as f32,
-        top_p: g.top_p as f32,
-        seed: g.seed,
-        max_tokens: g.max_tokens,
-    }
-}
-
 /// A document error with its own exit code, or any other engine error with the file named.
 fn engine_error(file: &Path, e: EngineError) -> anyhow::Error {
     match e {
@@ -470,7 +460,7 @@ fn ask(
     }
     let doc = load_document(file, false)?;
     let llm = load_model(config)?;
-    let params = sampling(config);
+    let params = config.generate.sampling();
     let cancel = AtomicBool::new(false);
     let mut out = std::io::stdout().lock();
     let mut stream = |piece: &str| {
@@ -698,7 +688,7 @@ fn ask_tree(config: &Config, file: &Path, question: &str, json: bool) -> Result<
     let tree = open_tree(&llm, config, file)?;
     let open_ms = opening.elapsed().as_secs_f64() * 1e3;
     let mut session = TreeSession::new(&llm, tree)?;
-    let params = sampling(config);
+    let params = config.generate.sampling();
     let cancel = AtomicBool::new(false);
     let mut out = std::io::stdout().lock();
     let mut stream = |piece: &str| {

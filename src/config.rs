@@ -185,6 +185,18 @@ pub struct GenerateSettings {
     pub seed: u64,
 }
 
+impl GenerateSettings {
+    /// These settings as the sampler takes them.
+    pub fn sampling(&self) -> crate::model::SamplingParams {
+        crate::model::SamplingParams {
+            temperature: self.temperature as f32,
+            top_p: self.top_p as f32,
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+        }
+    }
+}
+
 impl Default for GenerateSettings {
     fn default() -> Self {
         Self {

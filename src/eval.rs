@@ -441,7 +441,7 @@ fn document(plan: &EvalPlan, case: &Case) -> anyhow::Result<Doc> {
     std::fs::create_dir_all(&plan.work_dir).with_context(|| plan.work_dir.display().to_string())?;
     let path = plan.work_dir.join(name);
     if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
-        crate::store::write_file(&path, text.as_bytes())?;
+        crate::store::write_atomic(&path, text.as_bytes())?;
     }
     Ok(Doc { path })
 }
@@ -456,13 +456,7 @@ pub fn run(
     use crate::engine::{self, AskSettings, Method, TreeSession};
     use std::sync::atomic::AtomicBool;
     let cancel = AtomicBool::new(false);
-    let g = &config.generate;
-    let params = crate::model::SamplingParams {
-        temperature: g.temperature as f32,
-        top_p: g.top_p as f32,
-        seed: g.seed,
-        max_tokens: g.max_tokens,
-    };
+    let params = config.generate.sampling();
     let method = if plan.oracle {
         Method::Full
     } else {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::{Done, Event, NodeView, Progress, Request, SessionOptions, Stage, Stats, TreeView};
 use crate::engine::{ingest, EngineError, NodeHit, TreeSession};
-use crate::model::{self, Llm, SamplingParams};
+use crate::model::{self, Llm};
 use crate::store::{StoreError, Tree};
 use crate::tree::layout::node_at;
 
@@ -203,13 +203,7 @@ fn answer(
     out: &Reporter,
     base: &Stats,
 ) -> Result<bool, StoreError> {
-    let g = &opts.config.generate;
-    let params = SamplingParams {
-        temperature: g.temperature as f32,
-        top_p: g.top_p as f32,
-        seed: g.seed,
-        max_tokens: g.max_tokens,
-    };
+    let params = opts.config.generate.sampling();
     let plan = &session.tree().manifest().plan;
     let kv_per_entry = (plan.config.layers * 2 * plan.kv_dim * 4) as u64;
     // Both callbacks note whether the UI is still listening.

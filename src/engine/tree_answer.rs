@@ -314,14 +314,24 @@ impl<'a> TreeSession<'a> {
     ) -> Result<(), EngineError> {
         let plan = self.tree.manifest().plan.clone();
         let (layers, kv_dim) = (plan.config.layers, plan.kv_dim);
-        // Leaves the tree does not keep are encoded now, once per chunk per session.
+        // Leaves the tree does not keep are encoded now, once per chunk per session, by one
+        // encoder (its sink prefix runs once per question that needs any).
+        let mut missing: Vec<usize> = Vec::new();
         for s in selected.iter().filter(|s| s.alpha == 1) {
-            if self.tree.full(s.chunk)?.is_none() && !self.reencoded.contains_key(&s.chunk) {
-                let (a, b) = plan.chunks[s.chunk].tokens();
-                let encoder = Encoder::new(&self.llm.model, plan.config.clone())?;
+            if self.tree.full(s.chunk)?.is_none()
+                && !self.reencoded.contains_key(&s.chunk)
+                && !missing.contains(&s.chunk)
+            {
+                missing.push(s.chunk);
+            }
+        }
+        if !missing.is_empty() {
+            let encoder = Encoder::new(&self.llm.model, plan.config.clone())?;
+            for chunk in missing {
+                let (a, b) = plan.chunks[chunk].tokens();
                 let kv = encoder.encode_full(&self.tree.tokens()[a..b])?;
                 self.lower_tokens += b - a;
-                self.reencoded.insert(s.chunk, kv);
+                self.reencoded.insert(chunk, kv);
             }
         }
         // Per node: its source `(layers, 2, rows, kv_dim)` and the rows it takes.

@@ -268,8 +268,9 @@ pub fn hash_model(path: &Path) -> Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
-/// Write `bytes` to `path` so that a crash leaves either the old file or the new one.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Write `bytes` to `path` so that a crash leaves either the old file or the new one
+/// (temp file, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new()
@@ -281,11 +282,6 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     tmp.persist(path)
         .map_err(|e| StoreError::io(path)(e.error))?;
     sync_dir(dir)
-}
-
-/// Write a whole file atomically (temp file, fsync, rename).
-pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic(path, bytes)
 }
 
 /// Make a rename in `dir` durable.
