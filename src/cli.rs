@@ -154,6 +154,9 @@ struct SearchFlags {
     /// Most entries at full resolution.
     #[arg(long)]
     fine_budget: Option<usize>,
+    /// Coarsest tree level read whole at full resolution (0 = chunks, 3 = leaves).
+    #[arg(long)]
+    fine_level: Option<usize>,
     /// contiguous or chunk.
     #[arg(long, value_enum)]
     positions: Option<Positions>,
@@ -172,6 +175,9 @@ impl SearchFlags {
         }
         if let Some(x) = self.fine_budget {
             s.fine_budget = x;
+        }
+        if let Some(x) = self.fine_level {
+            s.fine_level = x;
         }
         if let Some(x) = self.positions {
             s.positions = x;
@@ -327,6 +333,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     "policy": config.search.policy,
                     "budget": config.search.budget,
                     "fine_budget": config.search.fine_budget,
+                    "fine_level": config.search.fine_level,
                     "positions": config.search.positions,
                 },
                 "tree": config.tree,

@@ -46,6 +46,9 @@ pub struct SearchSettings {
     pub budget: usize,
     /// Most entries at full resolution (`budget` policy).
     pub fine_budget: usize,
+    /// The coarsest level read whole at full resolution (0 = whole chunks; the tree's
+    /// height = single leaves): a node this fine or finer goes to α = 1 in one step.
+    pub fine_level: usize,
     pub positions: Positions,
 }
 
@@ -56,6 +59,7 @@ impl Default for SearchSettings {
             policy: Policy::Budget,
             budget: 1024,
             fine_budget: 256,
+            fine_level: 3,
             positions: Positions::Contiguous,
         }
     }

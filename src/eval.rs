@@ -27,9 +27,11 @@ pub struct Case {
     pub depth: Option<f64>,
     #[serde(default)]
     pub needle_sentence: Option<String>,
-    /// Book questions: where the evidence is.
+    /// Book questions: where the evidence is, and its text.
     #[serde(default)]
     pub char_offset: Option<usize>,
+    #[serde(default)]
+    pub evidence_quote: Option<String>,
 }
 
 impl Case {
@@ -398,8 +400,16 @@ mod tests {
             depth: None,
             needle_sentence: None,
             char_offset: None,
+            evidence_quote: None,
         };
         assert!(correct(&case, "It rose to 4200  FEET."));
+        let text = "said his lady,\n“have you heard that\nNetherfield is let?”";
+        let at = find_loosely(text, "“have you heard that Netherfield is let?”").unwrap();
+        assert_eq!(
+            &text[at.clone()],
+            "“have you heard that\nNetherfield is let?”"
+        );
+        assert_eq!(find_loosely(text, "have you heardthat"), None);
         assert!(correct(&case, "about 4,200\nfeet"));
         assert!(!correct(&case, "4,100 feet"));
     }
@@ -473,6 +483,7 @@ pub fn run(
     let mut session: Option<(PathBuf, TreeSession)> = None;
     for i in order {
         let (case, doc) = (&plan.cases[i], &docs[i]);
+        let mut rag_text: Option<String> = None;
         let answer = if method == Method::Tree {
             if session.as_ref().is_none_or(|(p, _)| p != &doc.path) {
                 // Let go of the previous tree before opening the next.
@@ -513,6 +524,7 @@ pub fn run(
                 &doc.path,
                 &crate::document::LoadOptions::new(std::env::current_exe()?),
             )?;
+            rag_text = (method == Method::Rag).then(|| d.text.clone());
             let settings = AskSettings {
                 method,
                 chunk_tokens: config.rag.chunk_tokens,
@@ -530,20 +542,34 @@ pub fn run(
         };
         let r = match answer {
             Ok(a) => {
-                // Every byte of the needle inside some full-resolution node. Node offsets
-                // point into the tree's (normalised) text, so the needle is found there;
-                // book questions have no exact span to check.
-                let needle = case.needle_sentence.as_deref().map(str::trim);
-                let span = match (&session, needle) {
-                    (Some((_, s)), Some(n)) => s.tree().text().find(n).map(|at| at..at + n.len()),
-                    _ => None,
-                };
-                let read = span.map(|span| {
-                    span.clone().all(|b| {
+                // Every byte of the needle (or a book question's evidence) inside some
+                // full-resolution node. Node offsets point into the tree's (normalised)
+                // text, so the evidence is looked up there.
+                let needle = case
+                    .needle_sentence
+                    .as_deref()
+                    .or(case.evidence_quote.as_deref())
+                    .map(str::trim);
+                // What the model read word for word: leaves at α = 1, or `rag`'s passages.
+                let (text, read): (Option<&str>, Vec<(usize, usize)>) = match (&session, method) {
+                    (Some((_, s)), Method::Tree) => (
+                        Some(s.tree().text()),
                         a.nodes
                             .iter()
-                            .any(|n| n.alpha == 1 && n.chars.0 <= b && b < n.chars.1)
-                    })
+                            .filter(|n| n.alpha == 1)
+                            .map(|n| n.chars)
+                            .collect(),
+                    ),
+                    (_, Method::Rag) => (
+                        rag_text.as_deref(),
+                        a.sources.iter().map(|s| s.chars).collect(),
+                    ),
+                    _ => (None, Vec::new()),
+                };
+                let span = text.zip(needle).and_then(|(t, n)| find_loosely(t, n));
+                let read = span.map(|span| {
+                    span.clone()
+                        .all(|b| read.iter().any(|&(from, to)| from <= b && b < to))
                 });
                 CaseResult {
                     id: case.id.clone(),
@@ -592,6 +618,32 @@ pub fn run(
         results[i] = Some(r);
     }
     Ok(results.into_iter().flatten().collect())
+}
+
+/// Where `needle` occurs in `text` when runs of whitespace count as one (the document is
+/// hard-wrapped; a dataset's quotes are not): its byte range in `text`.
+fn find_loosely(text: &str, needle: &str) -> Option<std::ops::Range<usize>> {
+    let words: Vec<&str> = needle.split_whitespace().collect();
+    let first = *words.first()?;
+    let mut from = 0;
+    while let Some(at) = text[from..].find(first).map(|i| from + i) {
+        let mut end = at + first.len();
+        let matched = words[1..].iter().all(|w| {
+            let rest = &text[end..];
+            let gap = rest.len() - rest.trim_start().len();
+            if gap > 0 && rest[gap..].starts_with(w) {
+                end += gap + w.len();
+                true
+            } else {
+                false
+            }
+        });
+        if matched {
+            return Some(at..end);
+        }
+        from = at + first.len();
+    }
+    None
 }
 
 fn unreachable_session() -> Result<crate::engine::Answer, crate::engine::EngineError> {

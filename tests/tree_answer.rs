@@ -240,3 +240,51 @@ fn check_e_asking_again_reuses_the_tree() {
         }
     }
 }
+
+/// Reading whole passages (`fine_level` 0: chunks, 1: halves) injects the same stored KV as
+/// reading them leaf by leaf: with both budgets over the document every level gives the same
+/// answer; under a small fine budget whole nodes of that level are read first and the
+/// budgets hold.
+#[test]
+fn whole_passages_inject_the_same_kv_as_their_leaves() {
+    let params = SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        max_tokens: 8,
+    };
+    let cancel = AtomicBool::new(false);
+    let built = build(4_000, 256, FullKv::Always);
+    let mut s = TreeSession::new(llm(), built.tree).expect("session");
+    let mut answers = Vec::new();
+    for fine_level in [0, 1, 3] {
+        let settings = SearchSettings {
+            fine_level,
+            ..everything()
+        };
+        let a = s
+            .ask(QUESTION, &settings, &params, &cancel, &mut |_| {})
+            .expect("answer");
+        assert!(a
+            .nodes
+            .iter()
+            .all(|n| n.alpha == 1 && n.level == fine_level));
+        answers.push((a.answer, a.memory.injected_entries));
+    }
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
+    let settings = SearchSettings {
+        budget: 400,
+        fine_budget: 300,
+        fine_level: 1,
+        ..SearchSettings::default()
+    };
+    let a = s
+        .ask(QUESTION, &settings, &params, &cancel, &mut |_| {})
+        .expect("answer");
+    let fine: Vec<_> = a.nodes.iter().filter(|n| n.alpha == 1).collect();
+    // Whole halves first; what is left of the fine budget may go to a smaller node.
+    assert!(fine.iter().any(|n| n.level == 1), "{:?}", a.nodes);
+    assert!(fine.iter().all(|n| n.level >= 1), "{:?}", a.nodes);
+    let fine_entries: usize = fine.iter().map(|n| n.tokens.1 - n.tokens.0).sum();
+    assert!(fine_entries <= 300 && a.memory.injected_entries.unwrap_or(0) <= 400);
+}

@@ -73,6 +73,8 @@ pub struct Source {
     pub last_page: u32,
     pub score: f64,
     pub tokens: usize,
+    /// Byte range of its text in the document text.
+    pub chars: (usize, usize),
     /// The passage's first words, on one line.
     pub preview: String,
 }
@@ -337,6 +339,7 @@ fn rag_passages(
                 last_page: *c.pages.end(),
                 score: scores[i],
                 tokens: c.tokens.len(),
+                chars: (c.text.start, c.text.end),
                 preview: preview(&doc.text[c.text.clone()]),
             }
         })

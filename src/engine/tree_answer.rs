@@ -111,6 +111,7 @@ impl<'a> TreeSession<'a> {
                 settings.budget.min(room)
             },
             fine: settings.fine_budget,
+            fine_level: settings.fine_level,
         }
     }
 

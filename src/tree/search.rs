@@ -77,6 +77,9 @@ pub struct Budget {
     pub total: usize,
     /// Most entries at full resolution (α = 1).
     pub fine: usize,
+    /// The coarsest level whose nodes are read whole at α = 1 (`budget` policy; the tree's
+    /// height = leaf by leaf).
+    pub fine_level: usize,
 }
 
 /// One node chosen for injection.
@@ -327,10 +330,22 @@ fn best_first(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
             heap.push(Item { score: now, slot });
             continue;
         }
-        if cur.level == shape.height {
+        if cur.level >= budget.fine_level.min(shape.height) {
             let len = shape.node_lens[cur.chunk][node_number(cur.level, cur.index)];
             let extra = len.saturating_sub(cur.entries);
-            if used + extra <= budget.total && fine + len <= budget.fine {
+            let fits = used + extra <= budget.total && fine + len <= budget.fine;
+            if fits && cur.level < shape.height {
+                // A whole passage at once: its halves read side by side, not scattered.
+                used += extra;
+                fine += len;
+                slots[slot] = Some(Selected {
+                    alpha: 1,
+                    entries: len,
+                    ..cur
+                });
+                continue;
+            }
+            if fits {
                 used += extra;
                 fine += len;
                 slots[slot] = Some(Selected {
@@ -369,7 +384,9 @@ fn best_first(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
                     }
                 }
             }
-            continue;
+            if cur.level == shape.height {
+                continue;
+            }
         }
         let level = cur.level + 1;
         let a = shape.alpha[level];
@@ -438,14 +455,21 @@ mod tests {
                 node_lens: &lens,
             };
             for (total, fine) in [(60, 0), (200, 64), (400, 150), (1000, 300), (3000, 3000)] {
-                let b = Budget { total, fine };
-                let sel = select(Policy::Budget, &scores, &shape, b);
-                let used: usize = sel.iter().map(|s| s.entries).sum();
-                let fine_used: usize = sel.iter().filter(|s| s.alpha == 1).map(|s| s.entries).sum();
-                assert!(
-                    used <= total && fine_used <= fine,
-                    "{a:?} {total}/{fine}: {used}/{fine_used}"
-                );
+                for fine_level in 0..=3 {
+                    let b = Budget {
+                        total,
+                        fine,
+                        fine_level,
+                    };
+                    let sel = select(Policy::Budget, &scores, &shape, b);
+                    let used: usize = sel.iter().map(|s| s.entries).sum();
+                    let fine_used: usize =
+                        sel.iter().filter(|s| s.alpha == 1).map(|s| s.entries).sum();
+                    assert!(
+                        used <= total && fine_used <= fine,
+                        "{a:?} {total}/{fine} from level {fine_level}: {used}/{fine_used}"
+                    );
+                }
             }
         }
         let doc: usize = lens.iter().map(|l| l[0]).sum();
@@ -456,6 +480,7 @@ mod tests {
             Budget {
                 total: doc,
                 fine: doc,
+                fine_level: 3,
             },
         );
         assert!(sel.iter().all(|s| s.alpha == 1));
@@ -487,6 +512,7 @@ mod tests {
             Budget {
                 total: 1 << 20,
                 fine: 0,
+                fine_level: 3,
             },
         );
         for c in 0..3 {
@@ -511,6 +537,7 @@ mod tests {
             Budget {
                 total: 1 << 20,
                 fine: 0,
+                fine_level: 3,
             },
         );
         let c0: Vec<(usize, usize)> = sel
@@ -554,6 +581,7 @@ mod tests {
         let budget = Budget {
             total: 2000,
             fine: 192,
+            fine_level: 3,
         };
         assert_eq!(
             full_leaves(6, 2, 7, budget),
@@ -562,10 +590,24 @@ mod tests {
     }
 
     #[test]
+    fn a_whole_half_is_read_when_it_fits() {
+        let half = Budget {
+            total: 2000,
+            fine: 256,
+            fine_level: 1,
+        };
+        assert_eq!(full_leaves(6, 2, 7, half), vec![(2, 1, 1)]);
+        // Too small for the half: its better quarter whole, then a leaf of the other one.
+        let quarter = Budget { fine: 192, ..half };
+        assert_eq!(full_leaves(6, 2, 7, quarter), vec![(2, 3, 4), (2, 2, 3)]);
+    }
+
+    #[test]
     fn the_best_leaf_reaches_full_resolution_first() {
         let budget = Budget {
             total: 20 * 16 + 200,
             fine: 64,
+            fine_level: 3,
         };
         assert_eq!(full_leaves(20, 13, 5, budget), vec![(13, 3, 5)]);
     }
