@@ -157,6 +157,9 @@ struct SearchFlags {
     /// Coarsest tree level read whole at full resolution (0 = chunks, 3 = leaves).
     #[arg(long)]
     fine_level: Option<usize>,
+    /// Mark the cuts around passages read at full resolution (true or false).
+    #[arg(long)]
+    cut_marks: Option<bool>,
     /// contiguous or chunk.
     #[arg(long, value_enum)]
     positions: Option<Positions>,
@@ -178,6 +181,9 @@ impl SearchFlags {
         }
         if let Some(x) = self.fine_level {
             s.fine_level = x;
+        }
+        if let Some(x) = self.cut_marks {
+            s.cut_marks = x;
         }
         if let Some(x) = self.positions {
             s.positions = x;
@@ -334,6 +340,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     "budget": config.search.budget,
                     "fine_budget": config.search.fine_budget,
                     "fine_level": config.search.fine_level,
+                    "cut_marks": config.search.cut_marks,
                     "positions": config.search.positions,
                 },
                 "tree": config.tree,

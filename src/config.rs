@@ -49,6 +49,9 @@ pub struct SearchSettings {
     /// The coarsest level read whole at full resolution (0 = whole chunks; the tree's
     /// height = single leaves): a node this fine or finer goes to α = 1 in one step.
     pub fine_level: usize,
+    /// Put `rag`'s cut mark (`[…]`) where the injected text jumps next to a passage read at
+    /// full resolution, so the model reads separate passages as separate.
+    pub cut_marks: bool,
     pub positions: Positions,
 }
 
@@ -60,6 +63,7 @@ impl Default for SearchSettings {
             budget: 1024,
             fine_budget: 256,
             fine_level: 3,
+            cut_marks: true,
             positions: Positions::Contiguous,
         }
     }

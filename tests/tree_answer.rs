@@ -9,6 +9,7 @@ use slm_chat::engine::ingest::open_or_build;
 use slm_chat::engine::{sink_prefix, TreeSession};
 use slm_chat::model::{Forward, SamplingParams};
 use slm_chat::store::Tree;
+use slm_chat::tree::layout::entries;
 
 use crate::util::{default_model, llm, shared};
 
@@ -287,4 +288,65 @@ fn whole_passages_inject_the_same_kv_as_their_leaves() {
     assert!(fine.iter().all(|n| n.level >= 1), "{:?}", a.nodes);
     let fine_entries: usize = fine.iter().map(|n| n.tokens.1 - n.tokens.0).sum();
     assert!(fine_entries <= 300 && a.memory.injected_entries.unwrap_or(0) <= 400);
+}
+
+/// The cut mark goes where the injected text jumps next to a passage read in full: with marks
+/// on, the cache holds the nodes' entries plus one mark per such jump, never more than the
+/// budget; with them off, exactly the nodes' entries.
+#[test]
+fn cut_marks_separate_passages_within_the_budget() {
+    let params = SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        max_tokens: 4,
+    };
+    let cancel = AtomicBool::new(false);
+    // Long enough that the budget keeps only some chunks: the injected text jumps.
+    let built = build(20_000, 256, FullKv::Always);
+    let mut s = TreeSession::new(llm(), built.tree).expect("session");
+    let mark = llm()
+        .tokenizer
+        .encode("\n\n[…]\n\n", false)
+        .expect("mark")
+        .len();
+    let mut jumped = 0;
+    let questions = [
+        QUESTION,
+        "What did Mr. Woodhouse think of matrimony?",
+        "Whose stable is mentioned?",
+    ];
+    for (question, cut_marks) in questions.iter().flat_map(|q| [(q, true), (q, false)]) {
+        let settings = SearchSettings {
+            budget: 200,
+            fine_budget: 128,
+            cut_marks,
+            ..SearchSettings::default()
+        };
+        let a = s
+            .ask(question, &settings, &params, &cancel, &mut |_| {})
+            .expect("answer");
+        let nodes: usize = a
+            .nodes
+            .iter()
+            .map(|n| entries(n.tokens.1 - n.tokens.0, n.alpha))
+            .sum();
+        let jumps = a
+            .nodes
+            .windows(2)
+            .filter(|w| (w[0].alpha == 1 || w[1].alpha == 1) && w[0].tokens.1 != w[1].tokens.0)
+            .count();
+        let total = a.memory.injected_entries.expect("entries");
+        assert!(total <= 200, "{total}");
+        if cut_marks {
+            jumped += jumps;
+            assert_eq!(total, nodes + jumps * mark, "{question}");
+        } else {
+            assert_eq!(total, nodes, "{question}");
+        }
+    }
+    assert!(
+        jumped > 0,
+        "no question read a passage apart from its neighbours"
+    );
 }

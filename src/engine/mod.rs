@@ -35,7 +35,7 @@ const DOC_SLOT: &str = "\u{0}SLM_CHAT_DOCUMENT\u{0}";
 const QUESTION_SLOT: &str = "\u{0}SLM_CHAT_QUESTION\u{0}";
 
 /// Marks where `truncate` cut the middle out.
-const CUT_MARK: &str = "\n\n[…]\n\n";
+pub(crate) const CUT_MARK: &str = "\n\n[…]\n\n";
 
 /// How the document reaches the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]

@@ -80,6 +80,9 @@ pub struct Budget {
     /// The coarsest level whose nodes are read whole at α = 1 (`budget` policy; the tree's
     /// height = leaf by leaf).
     pub fine_level: usize,
+    /// Entries of the cut mark injected on either side of a node read at α = 1: charged to
+    /// `total` for both sides, so the marks never take the injection over it.
+    pub separator: usize,
 }
 
 /// One node chosen for injection.
@@ -299,10 +302,18 @@ fn best_first(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
         .max(budget.total / 4);
     // A level kept at α = 1 counts against the full-resolution budget like a leaf.
     let fine_cost = |s: &Selected| if s.alpha == 1 { s.entries } else { 0 };
+    let marks = |s: &Selected| {
+        if s.alpha == 1 {
+            2 * budget.separator
+        } else {
+            0
+        }
+    };
     for chunk in chunks_by_score(scores, shape) {
         let s = node(shape, scores, chunk, 0, 0, shape.alpha[0]);
-        if used + s.entries <= coarse_room && fine + fine_cost(&s) <= budget.fine {
-            used += s.entries;
+        let cost = s.entries + marks(&s);
+        if used + cost <= coarse_room && fine + fine_cost(&s) <= budget.fine {
+            used += cost;
             fine += fine_cost(&s);
             start.push(slots.len());
             slots.push(Some(s));
@@ -332,7 +343,7 @@ fn best_first(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
         }
         if cur.level >= budget.fine_level.min(shape.height) {
             let len = shape.node_lens[cur.chunk][node_number(cur.level, cur.index)];
-            let extra = len.saturating_sub(cur.entries);
+            let extra = len.saturating_sub(cur.entries) + 2 * budget.separator;
             let fits = used + extra <= budget.total && fine + len <= budget.fine;
             if fits && cur.level < shape.height {
                 // A whole passage at once: its halves read side by side, not scattered.
@@ -394,7 +405,7 @@ fn best_first(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
             node(shape, scores, cur.chunk, level, 2 * cur.index, a),
             node(shape, scores, cur.chunk, level, 2 * cur.index + 1, a),
         ];
-        let cost: usize = kids.iter().map(|k| k.entries).sum();
+        let cost: usize = kids.iter().map(|k| k.entries + marks(k)).sum();
         let kids_fine: usize = kids.iter().map(fine_cost).sum();
         // `used` always includes `cur.entries` (and `fine` its own, if any).
         if used - cur.entries + cost > budget.total
@@ -460,13 +471,15 @@ mod tests {
                         total,
                         fine,
                         fine_level,
+                        separator: 6,
                     };
                     let sel = select(Policy::Budget, &scores, &shape, b);
                     let used: usize = sel.iter().map(|s| s.entries).sum();
                     let fine_used: usize =
                         sel.iter().filter(|s| s.alpha == 1).map(|s| s.entries).sum();
+                    let marks = 2 * 6 * sel.iter().filter(|s| s.alpha == 1).count();
                     assert!(
-                        used <= total && fine_used <= fine,
+                        used + marks <= total && fine_used <= fine,
                         "{a:?} {total}/{fine} from level {fine_level}: {used}/{fine_used}"
                     );
                 }
@@ -481,6 +494,7 @@ mod tests {
                 total: doc,
                 fine: doc,
                 fine_level: 3,
+                separator: 0,
             },
         );
         assert!(sel.iter().all(|s| s.alpha == 1));
@@ -513,6 +527,7 @@ mod tests {
                 total: 1 << 20,
                 fine: 0,
                 fine_level: 3,
+                separator: 0,
             },
         );
         for c in 0..3 {
@@ -538,6 +553,7 @@ mod tests {
                 total: 1 << 20,
                 fine: 0,
                 fine_level: 3,
+                separator: 0,
             },
         );
         let c0: Vec<(usize, usize)> = sel
@@ -582,6 +598,7 @@ mod tests {
             total: 2000,
             fine: 192,
             fine_level: 3,
+            separator: 0,
         };
         assert_eq!(
             full_leaves(6, 2, 7, budget),
@@ -595,6 +612,7 @@ mod tests {
             total: 2000,
             fine: 256,
             fine_level: 1,
+            separator: 0,
         };
         assert_eq!(full_leaves(6, 2, 7, half), vec![(2, 1, 1)]);
         // Too small for the half: its better quarter whole, then a leaf of the other one.
@@ -608,6 +626,7 @@ mod tests {
             total: 20 * 16 + 200,
             fine: 64,
             fine_level: 3,
+            separator: 0,
         };
         assert_eq!(full_leaves(20, 13, 5, budget), vec![(13, 3, 5)]);
     }
