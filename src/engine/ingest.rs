@@ -50,12 +50,16 @@ fn key_settings(config: &Config, sink: &[u32]) -> Vec<u8> {
 
 /// Where the tree of `file` (with this model and these settings) is kept.
 pub fn tree_dir(llm: &Llm, file: &Path, config: &Config) -> Result<PathBuf, EngineError> {
-    let doc = store::hash_file(file)?;
+    dir_for(llm, &store::hash_file(file)?, config)
+}
+
+/// Where the tree of the document whose bytes hash to `doc` is kept.
+fn dir_for(llm: &Llm, doc: &str, config: &Config) -> Result<PathBuf, EngineError> {
     let model = store::hash_model(&llm.path)?;
     let sink = super::sink_prefix(llm)?;
     Ok(config
         .trees_dir()
-        .join(store::key(&doc, &model, &key_settings(config, &sink))))
+        .join(store::key(doc, &model, &key_settings(config, &sink))))
 }
 
 /// Open the stored tree of `file`, building it first when there is none (or it is damaged).
@@ -96,7 +100,8 @@ fn open_or_rebuild(
     cancel: &AtomicBool,
 ) -> Result<(Tree, IngestReport), EngineError> {
     let start = Instant::now();
-    let dir = tree_dir(llm, file, config)?;
+    let hash = store::hash_file(file)?;
+    let dir = dir_for(llm, &hash, config)?;
     let mut rebuilt = damaged;
     let opened = match &rebuilt {
         Some(why) => Err(StoreError::corrupt(&dir, why.clone())),
@@ -131,8 +136,18 @@ fn open_or_rebuild(
         error: e,
     })?;
     let doc = document::load(file, &LoadOptions::new(exe))?;
+    // The key names the bytes hashed above: text read from an edited file must not be
+    // stored under it.
+    if store::hash_file(file)? != hash {
+        return Err(EngineError::Changed(file.display().to_string()));
+    }
     let replace = rebuilt.is_some();
-    match build(llm, file, &doc, &dir, config, replace, say, cancel, start) {
+    let source = Source {
+        file,
+        doc: &doc,
+        hash,
+    };
+    match build(llm, &source, &dir, config, replace, say, cancel, start) {
         Ok((tree, mut report)) => {
             report.rebuilt = rebuilt;
             Ok((tree, report))
@@ -158,11 +173,17 @@ fn note(stage: Stage, message: String) -> Progress {
     }
 }
 
+/// The document a build reads: its file, its text, and the hash of the bytes it came from.
+struct Source<'a> {
+    file: &'a Path,
+    doc: &'a Document,
+    hash: String,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn build(
     llm: &Llm,
-    file: &Path,
-    doc: &Document,
+    source: &Source,
     dir: &Path,
     config: &Config,
     replace: bool,
@@ -170,6 +191,7 @@ fn build(
     cancel: &AtomicBool,
     start: Instant,
 ) -> Result<(Tree, IngestReport), EngineError> {
+    let (file, doc) = (source.file, source.doc);
     let t = &config.tree;
     let mc = llm.model.config();
     say(&note(Stage::Document, "tokenizing".into()));
@@ -252,7 +274,7 @@ fn build(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         title: doc.title.clone(),
-        document: store::hash_file(file)?,
+        document: source.hash.clone(),
         model: store::hash_model(&llm.path)?,
         config: cfg.clone(),
         tokens: enc.ids.len(),

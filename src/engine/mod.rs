@@ -99,6 +99,8 @@ pub enum EngineError {
     NeedsTree,
     #[error("the document has no text to read")]
     EmptyDocument,
+    #[error("{0} changed while it was being read; run again once it is saved")]
+    Changed(String),
     #[error("stopped")]
     Cancelled,
     #[error(transparent)]
