@@ -395,7 +395,8 @@ fn cache_lists_and_removes_trees() {
 }
 
 /// A book that shares its start with a stored one (an edited copy, a longer version) reuses
-/// those chunks' encodings, and the tree is byte for byte the one a clean build makes.
+/// those chunks' encodings, and the tree is byte for byte the one a clean build makes — also
+/// when the new tree keeps less (no full KV) than the one it borrows from.
 #[test]
 fn shared_chunks_are_reused_and_the_tree_is_unchanged() {
     let book = small_book();
@@ -406,8 +407,9 @@ fn shared_chunks_are_reused_and_the_tree_is_unchanged() {
         format!("{text}\nThe vault's passphrase is OPAL-RIVER-3141.\n"),
     )
     .expect("write");
-    let json = |cache: &Path, file: &Path| -> serde_json::Value {
+    let json_kept = |cache: &Path, file: &Path, full_kv: &str| -> serde_json::Value {
         let out = slm(cache)
+            .env("SLM_CHAT_STORE_FULL_KV", full_kv)
             .args(["ingest", "--json"])
             .arg(file)
             .output()
@@ -419,6 +421,7 @@ fn shared_chunks_are_reused_and_the_tree_is_unchanged() {
         );
         serde_json::from_slice(&out.stdout).expect("json")
     };
+    let json = |cache: &Path, file: &Path| json_kept(cache, file, "always");
     let shared = tempfile::tempdir().expect("tmp");
     json(shared.path(), &book.file);
     let second = json(shared.path(), &longer);
@@ -431,4 +434,20 @@ fn shared_chunks_are_reused_and_the_tree_is_unchanged() {
     let a = PathBuf::from(second["path"].as_str().expect("path"));
     let b = PathBuf::from(fresh["path"].as_str().expect("path"));
     assert_same_tree(&a, &b);
+
+    // A tree kept without full KV borrows from trees kept with it (same encoding) ...
+    let levels_only = json_kept(shared.path(), &longer, "never");
+    assert_eq!(levels_only["reused_chunks"], second["chunks"]);
+    let clean_levels = json_kept(clean.path(), &longer, "never");
+    assert_same_tree(
+        Path::new(levels_only["path"].as_str().expect("path")),
+        Path::new(clean_levels["path"].as_str().expect("path")),
+    );
+    // ... but a tree that keeps full KV cannot borrow it from one that has none.
+    let lean = tempfile::tempdir().expect("tmp");
+    json_kept(lean.path(), &book.file, "never");
+    assert_eq!(
+        json(lean.path(), &longer)["reused_chunks"].as_u64(),
+        Some(0)
+    );
 }

@@ -295,14 +295,14 @@ fn build(
     let mut encoded_tokens = 0usize;
     let mut encoded_chunks = 0usize;
     let (mut encode_secs, mut write_secs) = (0.0, 0.0);
-    // Chunks with the same tokens in another tree of this model and settings (an edited
+    // Chunks with the same tokens in another tree of this model and encoding (an edited
     // book, a book inside a larger one) are copied from it instead of encoded again: a
     // chunk's encoding depends only on its tokens (batching does not change it, tested).
     let key = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let donors = store::chunk_donors(&config.trees_dir(), &key);
+    let donors = store::chunk_donors(&config.trees_dir(), &key, &build.plan().config);
     let mut opened: std::collections::HashMap<PathBuf, Tree> = std::collections::HashMap::new();
     let mut reused_chunks = 0usize;
     for (b, batch) in chunks.chunks(per).enumerate().skip(build.batches_done()) {

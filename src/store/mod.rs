@@ -305,36 +305,45 @@ pub struct Listing {
     pub state: String,
 }
 
-/// The key's last part: the settings. Trees sharing it (and the model part) share encodings.
-pub fn settings_part(key: &str) -> &str {
-    key.rsplit('-').next().unwrap_or_default()
-}
-
 /// BLAKE3 of token ids as stored in [`ChunkEntry::ids`].
 pub fn ids_hash(ids: &[u32]) -> String {
     blake3::hash(bytemuck::cast_slice(ids)).to_hex().to_string()
 }
 
-/// Finished trees under `trees_dir` built with the same model and settings as `key`, and
-/// for each chunk token hash, where its encoding is: `(tree dir, chunk)`.
+/// Finished trees under `trees_dir` of the same model as `key` whose chunks were encoded
+/// as `config` encodes them, and for each chunk token hash, where its encoding is:
+/// `(tree dir, chunk)`.
+///
+/// Only the encoding has to match, not the whole key: a tree kept without full KV borrows
+/// from one kept with it (the levels and vectors are the same), and batching does not change
+/// a chunk (tested). A tree that needs full KV never borrows from one without.
 pub fn chunk_donors(
     trees_dir: &Path,
     key: &str,
+    config: &TreeConfig,
 ) -> std::collections::HashMap<String, (PathBuf, usize)> {
     let mut out = std::collections::HashMap::new();
-    let parts: Vec<&str> = key.split('-').collect();
+    let model = key.split('-').nth(1);
+    let encoding = |c: &TreeConfig| TreeConfig {
+        full_kv: false,
+        batch_chunks: 0,
+        ..c.clone()
+    };
     let Ok(entries) = std::fs::read_dir(trees_dir) else {
         return out;
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let theirs: Vec<&str> = name.split('-').collect();
-        if name == key || theirs.len() != 3 || parts.len() != 3 || theirs[1..] != parts[1..] {
+        if name == key || model.is_none() || name.split('-').nth(1) != model {
             continue;
         }
         let Ok(m) = read::read_manifest(&e.path()) else {
             continue;
         };
+        let theirs = &m.plan.config;
+        if encoding(theirs) != encoding(config) || (config.full_kv && !theirs.full_kv) {
+            continue;
+        }
         // Trees written before chunks carried their hash: hash their stored tokens.
         let tokens = if m.plan.chunks.iter().any(|c| c.ids.is_empty()) {
             read::read_stored_tokens(&e.path(), &m).ok()
