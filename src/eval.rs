@@ -294,7 +294,8 @@ pub struct CaseResult {
     pub kv_bytes: usize,
     pub full_attention_kv_bytes: Option<usize>,
     pub peak_rss_bytes: Option<u64>,
-    /// Whether the whole needle was among the full-resolution nodes (needle cases, tree).
+    /// Whether the whole needle (or a book question's evidence quote) was read word for word:
+    /// in a full-resolution node (tree) or a passage (`rag`); `None` for other methods.
     pub evidence_read: Option<bool>,
     pub error: Option<String>,
 }
@@ -483,7 +484,8 @@ pub fn run(
     let mut session: Option<(PathBuf, TreeSession)> = None;
     for i in order {
         let (case, doc) = (&plan.cases[i], &docs[i]);
-        let mut rag_text: Option<String> = None;
+        // The document `rag` read, kept to look its evidence up in.
+        let mut loaded: Option<crate::document::Document> = None;
         let answer = if method == Method::Tree {
             if session.as_ref().is_none_or(|(p, _)| p != &doc.path) {
                 // Let go of the previous tree before opening the next.
@@ -520,11 +522,10 @@ pub fn run(
                 None => unreachable_session(),
             }
         } else {
-            let d = crate::document::load(
+            let d = loaded.insert(crate::document::load(
                 &doc.path,
                 &crate::document::LoadOptions::new(std::env::current_exe()?),
-            )?;
-            rag_text = (method == Method::Rag).then(|| d.text.clone());
+            )?);
             let settings = AskSettings {
                 method,
                 chunk_tokens: config.rag.chunk_tokens,
@@ -532,7 +533,7 @@ pub fn run(
             };
             engine::ask(
                 llm,
-                &d,
+                d,
                 &case.question,
                 &settings,
                 &params,
@@ -561,7 +562,7 @@ pub fn run(
                             .collect(),
                     ),
                     (_, Method::Rag) => (
-                        rag_text.as_deref(),
+                        loaded.as_ref().map(|d| d.text.as_str()),
                         a.sources.iter().map(|s| s.chars).collect(),
                     ),
                     _ => (None, Vec::new()),
@@ -641,7 +642,8 @@ fn find_loosely(text: &str, needle: &str) -> Option<std::ops::Range<usize>> {
         if matched {
             return Some(at..end);
         }
-        from = at + first.len();
+        // One character on: a match may overlap the one that failed.
+        from = at + first.chars().next().map_or(1, char::len_utf8);
     }
     None
 }

@@ -443,11 +443,16 @@ fn shared_chunks_are_reused_and_the_tree_is_unchanged() {
         Path::new(levels_only["path"].as_str().expect("path")),
         Path::new(clean_levels["path"].as_str().expect("path")),
     );
-    // ... but a tree that keeps full KV cannot borrow it from one that has none.
+    // ... but a tree that keeps full KV cannot borrow it from one that has none, and a
+    // levels-only tree beside a full one does not stand in the full one's way.
     let lean = tempfile::tempdir().expect("tmp");
     json_kept(lean.path(), &book.file, "never");
     assert_eq!(
-        json(lean.path(), &longer)["reused_chunks"].as_u64(),
+        json(lean.path(), &book.file)["reused_chunks"].as_u64(),
         Some(0)
+    );
+    assert_eq!(
+        json(lean.path(), &longer)["reused_chunks"],
+        second["reused_chunks"]
     );
 }

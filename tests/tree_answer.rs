@@ -287,7 +287,7 @@ fn whole_passages_inject_the_same_kv_as_their_leaves() {
     assert!(fine.iter().any(|n| n.level == 1), "{:?}", a.nodes);
     assert!(fine.iter().all(|n| n.level >= 1), "{:?}", a.nodes);
     let fine_entries: usize = fine.iter().map(|n| n.tokens.1 - n.tokens.0).sum();
-    assert!(fine_entries <= 300 && a.memory.injected_entries.unwrap_or(0) <= 400);
+    assert!(fine_entries <= 300 && a.memory.injected_entries.expect("entries") <= 400);
 }
 
 /// The cut mark goes where the injected text jumps next to a passage read in full: with marks

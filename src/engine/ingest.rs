@@ -48,11 +48,6 @@ fn key_settings(config: &Config, sink: &[u32]) -> Vec<u8> {
     serde_json::to_vec(&(&config.tree, &config.store, sink)).unwrap_or_default()
 }
 
-/// Where the tree of `file` (with this model and these settings) is kept.
-pub fn tree_dir(llm: &Llm, file: &Path, config: &Config) -> Result<PathBuf, EngineError> {
-    dir_for(llm, &store::hash_file(file)?, config)
-}
-
 /// Where the tree of the document whose bytes hash to `doc` is kept.
 fn dir_for(llm: &Llm, doc: &str, config: &Config) -> Result<PathBuf, EngineError> {
     let model = store::hash_model(&llm.path)?;

@@ -155,10 +155,10 @@ impl<'a> TreeSession<'a> {
         } else {
             vec![false; selected.len()]
         };
-        let entries = selected.iter().map(|s| s.entries).sum::<usize>()
+        let planned = selected.iter().map(|s| s.entries).sum::<usize>()
             + cuts.iter().filter(|&&c| c).count() * self.mark.len();
-        cache.reserve(self.prefix_len + entries + parts.suffix.len() + answer_tokens)?;
-        self.inject(&selected, &cuts, settings.positions, &mut cache)?;
+        cache.reserve(self.prefix_len + planned + parts.suffix.len() + answer_tokens)?;
+        let entries = self.inject(&selected, &cuts, settings.positions, &mut cache)?;
         Ok(Prepared {
             cache,
             suffix: parts.suffix,
@@ -337,14 +337,14 @@ impl<'a> TreeSession<'a> {
     }
 
     /// Put the selected nodes' KV into `cache` after the prefix, with the cut mark's KV before
-    /// the nodes `cuts` says.
+    /// the nodes `cuts` says; returns the entries injected.
     fn inject(
         &mut self,
         selected: &[Selected],
         cuts: &[bool],
         positions: Positions,
         cache: &mut KvCache,
-    ) -> Result<(), EngineError> {
+    ) -> Result<usize, EngineError> {
         let plan = self.tree.manifest().plan.clone();
         let (layers, kv_dim) = (plan.config.layers, plan.kv_dim);
         // Leaves the tree does not keep are encoded now, once per chunk per session, by one
@@ -375,14 +375,10 @@ impl<'a> TreeSession<'a> {
         let mark_rows = self.mark.len();
         // Per node: its source `(layers, 2, rows, kv_dim)` and the rows it takes.
         let mut sources: Vec<(&[f16], usize, std::ops::Range<usize>)> = Vec::new();
-        // The chunk each source belongs to (a cut mark: the node after it).
-        let mut owners: Vec<usize> = Vec::new();
         for (s, &cut) in selected.iter().zip(cuts) {
             if cut {
                 sources.push((mark, mark_rows, 0..mark_rows));
-                owners.push(s.chunk);
             }
-            owners.push(s.chunk);
             let len = self.node_lens[s.chunk][0];
             let spans = node_spans(len, plan.config.height);
             if s.alpha == 1 {
@@ -407,7 +403,7 @@ impl<'a> TreeSession<'a> {
         }
         let n: usize = sources.iter().map(|s| s.2.len()).sum();
         if n == 0 {
-            return Ok(());
+            return Ok(0);
         }
         let p = self.prefix_len;
         let pos: Vec<u32> = match positions {
@@ -416,11 +412,12 @@ impl<'a> TreeSession<'a> {
                 let mut out = Vec::with_capacity(n);
                 let mut rank = 0;
                 let mut last = None;
-                for (&chunk, src) in owners.iter().zip(&sources) {
-                    if last.is_some_and(|c| c != chunk) {
+                // No cut marks here (`cut_marks`): one source per selected node.
+                for (s, src) in selected.iter().zip(&sources) {
+                    if last.is_some_and(|c| c != s.chunk) {
                         rank += 1;
                     }
-                    last = Some(chunk);
+                    last = Some(s.chunk);
                     out.extend(std::iter::repeat_n((p + rank) as u32, src.2.len()));
                 }
                 out
@@ -452,7 +449,7 @@ impl<'a> TreeSession<'a> {
             self.llm.model.inject(cache, layer, &kv, &pos)?;
         }
         cache.set_next_position(next);
-        Ok(())
+        Ok(n)
     }
 
     fn hit(&self, s: &Selected) -> NodeHit {
@@ -472,7 +469,10 @@ impl<'a> TreeSession<'a> {
 }
 
 /// Whether `settings` put the cut mark around passages read in full. Only with contiguous
-/// positions: with the paper's chunk ids the text has no order for a mark to interrupt.
+/// positions (with the paper's chunk ids the text has no order for a mark to interrupt) and
+/// the `budget` policy (the one that pays for the marks out of B).
 fn cut_marks(settings: &SearchSettings) -> bool {
-    settings.cut_marks && settings.positions == Positions::Contiguous
+    settings.cut_marks
+        && settings.positions == Positions::Contiguous
+        && settings.policy == search::Policy::Budget
 }

@@ -345,18 +345,9 @@ fn best_first(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
             let len = shape.node_lens[cur.chunk][node_number(cur.level, cur.index)];
             let extra = len.saturating_sub(cur.entries) + 2 * budget.separator;
             let fits = used + extra <= budget.total && fine + len <= budget.fine;
-            if fits && cur.level < shape.height {
-                // A whole passage at once: its halves read side by side, not scattered.
-                used += extra;
-                fine += len;
-                slots[slot] = Some(Selected {
-                    alpha: 1,
-                    entries: len,
-                    ..cur
-                });
-                continue;
-            }
             if fits {
+                // Above the leaves, a whole passage at once: its halves read side by side,
+                // not scattered.
                 used += extra;
                 fine += len;
                 slots[slot] = Some(Selected {
@@ -364,10 +355,10 @@ fn best_first(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
                     entries: len,
                     ..cur
                 });
-                // The leaves on either side, across chunk boundaries, come next (one step
-                // only: a leaf read for its neighbour's sake lends nothing on).
+                // A leaf's neighbours on either side, across chunk boundaries, come next
+                // (one step only: a leaf read for its neighbour's sake lends nothing on).
                 let global = cur.chunk * leaves + cur.index;
-                let neighbours = if cur.score >= now {
+                let neighbours = if cur.level == shape.height && cur.score >= now {
                     vec![(global + 1, 0.999), (global.wrapping_sub(1), 0.998)]
                 } else {
                     Vec::new()
@@ -395,7 +386,7 @@ fn best_first(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
                     }
                 }
             }
-            if cur.level == shape.height {
+            if fits || cur.level == shape.height {
                 continue;
             }
         }
