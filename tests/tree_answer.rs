@@ -47,6 +47,16 @@ fn build(chars: usize, chunk_tokens: usize, full_kv: FullKv) -> Built {
     }
 }
 
+/// Greedy decoding of at most `max_tokens`: the same answer every run.
+fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        max_tokens,
+    }
+}
+
 /// Everything at full resolution.
 fn everything() -> SearchSettings {
     SearchSettings {
@@ -200,12 +210,7 @@ fn check_b_chunks_equal_separate_forwards() {
 /// whose leaves a question reads (each once).
 #[test]
 fn check_e_asking_again_reuses_the_tree() {
-    let params = SamplingParams {
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-        max_tokens: 4,
-    };
+    let params = greedy(4);
     let cancel = AtomicBool::new(false);
     for full in [FullKv::Always, FullKv::Never] {
         let built = build(6_000, 256, full);
@@ -248,12 +253,7 @@ fn check_e_asking_again_reuses_the_tree() {
 /// budgets hold.
 #[test]
 fn whole_passages_inject_the_same_kv_as_their_leaves() {
-    let params = SamplingParams {
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-        max_tokens: 8,
-    };
+    let params = greedy(8);
     let cancel = AtomicBool::new(false);
     let built = build(4_000, 256, FullKv::Always);
     let mut s = TreeSession::new(llm(), built.tree).expect("session");
@@ -295,12 +295,7 @@ fn whole_passages_inject_the_same_kv_as_their_leaves() {
 /// budget; with them off, exactly the nodes' entries.
 #[test]
 fn cut_marks_separate_passages_within_the_budget() {
-    let params = SamplingParams {
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-        max_tokens: 4,
-    };
+    let params = greedy(4);
     let cancel = AtomicBool::new(false);
     // Long enough that the budget keeps only some chunks: the injected text jumps.
     let built = build(20_000, 256, FullKv::Always);
