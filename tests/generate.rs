@@ -2,18 +2,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use slm_chat::model::{generate, Message, SamplingParams, StopReason};
+use slm_chat::model::{generate, Message, StopReason};
 
-use crate::util::llm;
-
-fn greedy(max_tokens: usize) -> SamplingParams {
-    SamplingParams {
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-        max_tokens,
-    }
-}
+use crate::util::{greedy, llm};
 
 fn chat_prompt(question: &str) -> Vec<u32> {
     let llm = llm();

@@ -7,11 +7,11 @@ use candle_core::Tensor;
 use slm_chat::config::{Config, FullKv, SearchSettings};
 use slm_chat::engine::ingest::open_or_build;
 use slm_chat::engine::{sink_prefix, TreeSession};
-use slm_chat::model::{Forward, SamplingParams};
+use slm_chat::model::Forward;
 use slm_chat::store::Tree;
 use slm_chat::tree::layout::entries;
 
-use crate::util::{default_model, llm, shared};
+use crate::util::{default_model, greedy, llm, shared};
 
 struct Built {
     _cache: tempfile::TempDir,
@@ -44,16 +44,6 @@ fn build(chars: usize, chunk_tokens: usize, full_kv: FullKv) -> Built {
         _cache: cache,
         _dir: dir,
         tree,
-    }
-}
-
-/// Greedy decoding of at most `max_tokens`: the same answer every run.
-fn greedy(max_tokens: usize) -> SamplingParams {
-    SamplingParams {
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-        max_tokens,
     }
 }
 

@@ -33,6 +33,16 @@ pub fn llm() -> &'static slm_chat::model::Llm {
     })
 }
 
+/// Greedy decoding of at most `max_tokens`: the same answer every run.
+pub fn greedy(max_tokens: usize) -> slm_chat::model::SamplingParams {
+    slm_chat::model::SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        max_tokens,
+    }
+}
+
 /// `../shared/corpus/<rel>`, beside the crate (the same layout in /work/main and here).
 pub fn corpus(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
