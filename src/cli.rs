@@ -160,6 +160,9 @@ struct SearchFlags {
     /// Mark the cuts around passages read at full resolution (true or false).
     #[arg(long)]
     cut_marks: Option<bool>,
+    /// Read the full-resolution passages again at question time, as one text (true or false).
+    #[arg(long)]
+    reread: Option<bool>,
     /// contiguous or chunk.
     #[arg(long, value_enum)]
     positions: Option<Positions>,
@@ -184,6 +187,9 @@ impl SearchFlags {
         }
         if let Some(x) = self.cut_marks {
             s.cut_marks = x;
+        }
+        if let Some(x) = self.reread {
+            s.reread = x;
         }
         if let Some(x) = self.positions {
             s.positions = x;
@@ -341,6 +347,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     "fine_budget": config.search.fine_budget,
                     "fine_level": config.search.fine_level,
                     "cut_marks": config.search.cut_marks,
+                    "reread": config.search.reread,
                     "positions": config.search.positions,
                 },
                 "tree": config.tree,

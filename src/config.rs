@@ -52,6 +52,10 @@ pub struct SearchSettings {
     /// Put `rag`'s cut mark (`[…]`) where the injected text jumps next to a passage read at
     /// full resolution, so the model reads separate passages as separate.
     pub cut_marks: bool,
+    /// Read the passages chosen at full resolution again at question time, as one text after
+    /// the coarse context (the upper model prefills at most `fine_budget` tokens), instead of
+    /// injecting their KV as stored, encoded chunk by chunk. Contiguous positions only.
+    pub reread: bool,
     pub positions: Positions,
 }
 
@@ -64,6 +68,7 @@ impl Default for SearchSettings {
             fine_budget: 256,
             fine_level: 3,
             cut_marks: true,
+            reread: false,
             positions: Positions::Contiguous,
         }
     }

@@ -195,6 +195,34 @@ fn check_b_chunks_equal_separate_forwards() {
     assert!(max_diff(&plain, &want) > 1.0);
 }
 
+/// Reread: with everything at full resolution the passages are read again as one text, so
+/// the logits equal the plain causal forward (not check B's independent chunks), and a tree
+/// without stored leaves never runs the lower model again.
+#[test]
+fn reread_reads_the_passages_as_one_text() {
+    let built = build(1_500, 96, FullKv::Never);
+    assert!(built.tree.manifest().plan.chunks.len() >= 3, "several chunks");
+    let doc = built.tree.tokens().to_vec();
+    let mut session = TreeSession::new(llm(), built.tree).expect("session");
+    let settings = SearchSettings {
+        reread: true,
+        ..everything()
+    };
+    let mut p = session.prepare(QUESTION, &settings, 32).expect("prepare");
+    assert!(p.selected.iter().all(|s| s.alpha == 1));
+    assert_eq!(p.entries, doc.len());
+    assert_eq!(session.lower_model_tokens(), 0);
+    let m = &llm().model;
+    let got = m.prefill(&p.suffix, &mut p.cache).expect("suffix");
+    let prefix = sink_prefix(llm()).expect("sink");
+    let want = m
+        .prefill(&[prefix, doc, p.suffix].concat(), &mut m.new_cache())
+        .expect("plain");
+    let d = max_diff(&got, &want);
+    eprintln!("reread, everything: max |Δlogit| = {d}");
+    assert!(d < 1e-3, "max |Δlogit| {d}");
+}
+
 /// Check E: a second question on a loaded tree never runs the lower model over the whole
 /// document; with leaves kept it never runs it at all, without them only over the chunks
 /// whose leaves a question reads (each once).
@@ -282,7 +310,8 @@ fn whole_passages_inject_the_same_kv_as_their_leaves() {
 
 /// The cut mark goes where the injected text jumps next to a passage read in full: with marks
 /// on, the cache holds the nodes' entries plus one mark per such jump, never more than the
-/// budget; with them off, exactly the nodes' entries.
+/// budget; with them off, exactly the nodes' entries. The same whether the passages are
+/// injected as stored or read again.
 #[test]
 fn cut_marks_separate_passages_within_the_budget() {
     let params = greedy(4);
@@ -301,11 +330,16 @@ fn cut_marks_separate_passages_within_the_budget() {
         "What did Mr. Woodhouse think of matrimony?",
         "Whose stable is mentioned?",
     ];
-    for (question, cut_marks) in questions.iter().flat_map(|q| [(q, true), (q, false)]) {
+    let cases = questions
+        .iter()
+        .flat_map(|q| [(q, true), (q, false)])
+        .flat_map(|(q, marks)| [(q, marks, false), (q, marks, true)]);
+    for (question, cut_marks, reread) in cases {
         let settings = SearchSettings {
             budget: 200,
             fine_budget: 128,
             cut_marks,
+            reread,
             ..SearchSettings::default()
         };
         let a = s

@@ -158,7 +158,13 @@ impl<'a> TreeSession<'a> {
         let planned = selected.iter().map(|s| s.entries).sum::<usize>()
             + cuts.iter().filter(|&&c| c).count() * self.mark.len();
         cache.reserve(self.prefix_len + planned + parts.suffix.len() + answer_tokens)?;
-        let entries = self.inject(&selected, &cuts, settings.positions, &mut cache)?;
+        let entries = self.inject(
+            &selected,
+            &cuts,
+            settings.positions,
+            reread(settings),
+            &mut cache,
+        )?;
         Ok(Prepared {
             cache,
             suffix: parts.suffix,
@@ -336,21 +342,23 @@ impl<'a> TreeSession<'a> {
         out
     }
 
-    /// Put the selected nodes' KV into `cache` after the prefix, with the cut mark's KV before
-    /// the nodes `cuts` says; returns the entries injected.
+    /// Put the selected nodes into `cache` after the prefix, with the cut mark before the
+    /// nodes `cuts` says; returns the entries injected. With `reread`, the passages at full
+    /// resolution (and the marks) are run through the model as text after the coarse entries,
+    /// at their own positions; otherwise their stored KV goes in.
     fn inject(
         &mut self,
         selected: &[Selected],
         cuts: &[bool],
         positions: Positions,
+        reread: bool,
         cache: &mut KvCache,
     ) -> Result<usize, EngineError> {
         let plan = self.tree.manifest().plan.clone();
-        let (layers, kv_dim) = (plan.config.layers, plan.kv_dim);
         // Leaves the tree does not keep are encoded now, once per chunk per session, by one
         // encoder (its sink prefix runs once per question that needs any).
         let mut missing: Vec<usize> = Vec::new();
-        for s in selected.iter().filter(|s| s.alpha == 1) {
+        for s in selected.iter().filter(|s| s.alpha == 1 && !reread) {
             if self.tree.full(s.chunk)?.is_none()
                 && !self.reencoded.contains_key(&s.chunk)
                 && !missing.contains(&s.chunk)
@@ -358,7 +366,7 @@ impl<'a> TreeSession<'a> {
                 missing.push(s.chunk);
             }
         }
-        let needs_mark = self.mark_kv.is_none() && cuts.contains(&true);
+        let needs_mark = !reread && self.mark_kv.is_none() && cuts.contains(&true);
         if !missing.is_empty() || needs_mark {
             let encoder = Encoder::new(&self.llm.model, plan.config.clone())?;
             for chunk in missing {
@@ -373,15 +381,22 @@ impl<'a> TreeSession<'a> {
         }
         let mark = self.mark_kv.as_deref().unwrap_or(&[]);
         let mark_rows = self.mark.len();
-        // Per node: its source `(layers, 2, rows, kv_dim)` and the rows it takes.
-        let mut sources: Vec<(&[f16], usize, std::ops::Range<usize>)> = Vec::new();
+        let mut parts: Vec<Part> = Vec::new();
         for (s, &cut) in selected.iter().zip(cuts) {
             if cut {
-                sources.push((mark, mark_rows, 0..mark_rows));
+                parts.push(if reread {
+                    Part::Text(&self.mark)
+                } else {
+                    Part::Kv(mark, mark_rows, 0..mark_rows)
+                });
             }
             let len = self.node_lens[s.chunk][0];
             let spans = node_spans(len, plan.config.height);
-            if s.alpha == 1 {
+            let number = node_number(s.level, s.index);
+            if s.alpha == 1 && reread {
+                let (a, b) = plan.chunks[s.chunk].nodes[number].tokens;
+                parts.push(Part::Text(&self.tree.tokens()[a..b]));
+            } else if s.alpha == 1 {
                 let full = match self.tree.full(s.chunk)? {
                     Some(f) => f,
                     None => self
@@ -390,51 +405,106 @@ impl<'a> TreeSession<'a> {
                         .map(Vec::as_slice)
                         .unwrap_or(&[]),
                 };
-                sources.push((full, len, spans[node_number(s.level, s.index)].clone()));
+                parts.push(Part::Kv(full, len, spans[number].clone()));
             } else {
                 let rows = level_rows(&spans, s.level, s.alpha);
                 let total = rows.last().map_or(0, |r| r.end);
-                sources.push((
+                parts.push(Part::Kv(
                     self.tree.level(s.chunk, s.level)?,
                     total,
                     rows[s.index].clone(),
                 ));
             }
         }
-        let n: usize = sources.iter().map(|s| s.2.len()).sum();
+        let n: usize = parts.iter().map(Part::len).sum();
         if n == 0 {
             return Ok(0);
         }
         let p = self.prefix_len;
-        let pos: Vec<u32> = match positions {
-            Positions::Contiguous => (p..p + n).map(|x| x as u32).collect(),
+        // Each part's first position.
+        let mut starts = Vec::with_capacity(parts.len());
+        match positions {
+            Positions::Contiguous => {
+                let mut at = p;
+                for part in &parts {
+                    starts.push(at);
+                    at += part.len();
+                }
+            }
             Positions::Chunk => {
-                let mut out = Vec::with_capacity(n);
                 let mut rank = 0;
                 let mut last = None;
-                // No cut marks here (`cut_marks`): one source per selected node.
-                for (s, src) in selected.iter().zip(&sources) {
+                // No cut marks and no reread here (`cut_marks`, `reread`): one part per
+                // selected node.
+                for s in selected {
                     if last.is_some_and(|c| c != s.chunk) {
                         rank += 1;
                     }
                     last = Some(s.chunk);
-                    out.extend(std::iter::repeat_n((p + rank) as u32, src.2.len()));
+                    starts.push(p + rank);
                 }
-                out
             }
-        };
+        }
         let next = match positions {
             Positions::Contiguous => p + n,
-            Positions::Chunk => pos.last().map_or(p, |&x| x as usize + 1),
+            Positions::Chunk => starts.last().map_or(p, |&x| x + 1),
         };
+        let span = |i: usize, len: usize| -> Vec<u32> {
+            match positions {
+                Positions::Contiguous => (starts[i]..starts[i] + len).map(|x| x as u32).collect(),
+                Positions::Chunk => vec![starts[i] as u32; len],
+            }
+        };
+        // Runs of stored parts and of text parts, in document order: a passage read now sees
+        // only what comes before it in the document, as it would in the book (keys from
+        // later in the text would sit at positions ahead of it, which no prompt ever shows
+        // the model).
+        let mut i = 0;
+        while i < parts.len() {
+            let text = matches!(parts[i], Part::Text(_));
+            let end = (i..parts.len())
+                .find(|&j| matches!(parts[j], Part::Text(_)) != text)
+                .unwrap_or(parts.len());
+            let pos: Vec<u32> = (i..end).flat_map(|j| span(j, parts[j].len())).collect();
+            if text {
+                let tokens: Vec<u32> = parts[i..end]
+                    .iter()
+                    .flat_map(|part| match part {
+                        Part::Text(t) => t.to_vec(),
+                        Part::Kv(..) => Vec::new(),
+                    })
+                    .collect();
+                self.llm.model.prefill_at(&tokens, &pos, cache)?;
+            } else {
+                self.inject_stored(&parts[i..end], &pos, cache)?;
+            }
+            i = end;
+        }
+        cache.set_next_position(next);
+        Ok(n)
+    }
+
+    /// Copy stored parts' KV into every layer of `cache` at `pos` (one per entry).
+    fn inject_stored(
+        &self,
+        parts: &[Part],
+        pos: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<(), EngineError> {
+        let plan = &self.tree.manifest().plan;
+        let (layers, kv_dim) = (plan.config.layers, plan.kv_dim);
+        let n = pos.len();
         let device = self.llm.model.device().clone();
         let mut k = vec![0f32; n * kv_dim];
         let mut v = vec![0f32; n * kv_dim];
         for layer in 0..layers {
             let mut at = 0;
-            for (src, rows, take) in &sources {
-                for (part, dst) in [(0, &mut k), (1, &mut v)] {
-                    let base = ((layer * 2 + part) * rows + take.start) * kv_dim;
+            for part in parts {
+                let Part::Kv(src, rows, take) = part else {
+                    continue;
+                };
+                for (half, dst) in [(0, &mut k), (1, &mut v)] {
+                    let base = ((layer * 2 + half) * rows + take.start) * kv_dim;
                     let from = &src[base..base + take.len() * kv_dim];
                     let to = &mut dst[at * kv_dim..(at + take.len()) * kv_dim];
                     // Converts with F16C where the CPU has it.
@@ -446,10 +516,9 @@ impl<'a> TreeSession<'a> {
                 k: Tensor::from_slice(&k, (n, kv_dim), &device)?,
                 v: Tensor::from_slice(&v, (n, kv_dim), &device)?,
             };
-            self.llm.model.inject(cache, layer, &kv, &pos)?;
+            self.llm.model.inject(cache, layer, &kv, pos)?;
         }
-        cache.set_next_position(next);
-        Ok(n)
+        Ok(())
     }
 
     fn hit(&self, s: &Selected) -> NodeHit {
@@ -466,6 +535,29 @@ impl<'a> TreeSession<'a> {
             preview: super::preview(&self.tree.text()[node.chars.0..node.chars.1]),
         }
     }
+}
+
+/// One piece of what a question injects, in document order.
+enum Part<'s> {
+    /// Stored KV: the source `(layers, 2, rows, kv_dim)`, its row count, the rows taken.
+    Kv(&'s [f16], usize, std::ops::Range<usize>),
+    /// Tokens read again by the upper model at question time.
+    Text(&'s [u32]),
+}
+
+impl Part<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Part::Kv(_, _, take) => take.len(),
+            Part::Text(t) => t.len(),
+        }
+    }
+}
+
+/// Whether `settings` read the full-resolution passages again as text. Only with contiguous
+/// positions: the paper's chunk ids give the text no order to be read in.
+fn reread(settings: &SearchSettings) -> bool {
+    settings.reread && settings.positions == Positions::Contiguous
 }
 
 /// Whether `settings` put the cut mark around passages read in full. Only with contiguous

@@ -483,24 +483,45 @@ impl Model {
     /// Run every layer over `tokens` at the positions after what `cache` holds and return
     /// the logits `(vocab,)` of the last token.
     pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let start = cache.next_position() as u32;
+        let positions: Vec<u32> = (start..start + tokens.len() as u32).collect();
+        let last = self.prefill_at(tokens, &positions, cache)?;
+        Ok(self.logits(&last)?.squeeze(0)?)
+    }
+
+    /// Run every layer over `tokens` at `positions` (one each, any order), causal among
+    /// themselves and seeing all that `cache` holds, adding their KV to it; returns the last
+    /// token's hidden state `(1, d_model)`. The next token then follows the last position.
+    pub fn prefill_at(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         if tokens.is_empty() {
             return Err(ModelError::Input("nothing to run: no tokens".into()));
+        }
+        if positions.len() != tokens.len() {
+            return Err(ModelError::Input(format!(
+                "{} positions for {} tokens",
+                positions.len(),
+                tokens.len()
+            )));
         }
         // A long prompt runs in pieces through the cache: the result is the same, and the
         // activations held at once are those of one piece, not of the whole prompt.
         let mut hidden = None;
-        for piece in tokens.chunks(PREFILL_PIECE) {
-            let start = cache.next_position() as u32;
-            let positions: Vec<u32> = (start..start + piece.len() as u32).collect();
+        for (piece, at) in tokens
+            .chunks(PREFILL_PIECE)
+            .zip(positions.chunks(PREFILL_PIECE))
+        {
             let x = self.embed(piece)?;
-            hidden = Some(
-                self.forward(&x, &Forward::all(self, &positions), cache)?
-                    .hidden,
-            );
+            hidden = Some(self.forward(&x, &Forward::all(self, at), cache)?.hidden);
         }
         let hidden = hidden.ok_or_else(|| ModelError::Input("nothing to run".into()))?;
-        let last = hidden.narrow(0, hidden.dim(0)? - 1, 1)?;
-        Ok(self.logits(&last)?.squeeze(0)?)
+        let last = positions[positions.len() - 1] as usize;
+        cache.set_next_position(last + 1);
+        Ok(hidden.narrow(0, hidden.dim(0)? - 1, 1)?)
     }
 
     /// Bytes of the model's tensors as held in memory.
