@@ -68,7 +68,7 @@ impl Default for SearchSettings {
             fine_budget: 256,
             fine_level: 3,
             cut_marks: true,
-            reread: false,
+            reread: true,
             positions: Positions::Contiguous,
         }
     }
@@ -140,7 +140,9 @@ pub struct StoreSettings {
 impl Default for StoreSettings {
     fn default() -> Self {
         Self {
-            full_kv: FullKv::Auto,
+            // Questions read their full-resolution passages again as text (`search.reread`),
+            // so stored leaves would go unused: a third of the disk without them.
+            full_kv: FullKv::Never,
             disk_budget_gb: 8.0,
         }
     }
