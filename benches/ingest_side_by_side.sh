@@ -24,6 +24,8 @@ CACHE=$(mktemp -d)
 trap 'rm -rf "$CACHE"' EXIT
 export SLM_CHAT_PATHS_CACHE_DIR=$CACHE
 echo "slm-chat ingest (full KV kept)..." >&2
+# Full KV explicitly (the default is levels only): the same ingest, plus the leaves' KV written.
+export SLM_CHAT_STORE_FULL_KV=always
 /usr/bin/time -v "$BIN" --model "$MODEL" ingest --json "$BOOK" >"$OUT/ingest.json" 2>"$OUT/ingest.time"
 echo "opening the stored tree (3 runs)..." >&2
 for i in 1 2 3; do

@@ -160,7 +160,7 @@ struct SearchFlags {
     /// Mark the cuts around passages read at full resolution (true or false).
     #[arg(long)]
     cut_marks: Option<bool>,
-    /// Read the full-resolution passages again at question time, as one text (true or false).
+    /// Read the full-resolution passages again at question time as text (true or false).
     #[arg(long)]
     reread: Option<bool>,
     /// contiguous or chunk.

@@ -52,9 +52,10 @@ pub struct SearchSettings {
     /// Put `rag`'s cut mark (`[…]`) where the injected text jumps next to a passage read at
     /// full resolution, so the model reads separate passages as separate.
     pub cut_marks: bool,
-    /// Read the passages chosen at full resolution again at question time, as one text after
-    /// the coarse context (the upper model prefills at most `fine_budget` tokens), instead of
-    /// injecting their KV as stored, encoded chunk by chunk. Contiguous positions only.
+    /// Read the passages chosen at full resolution again at question time as text, each run
+    /// at its document-order positions after the coarse entries that precede it (the upper
+    /// model prefills at most `fine_budget` tokens plus the cut marks), instead of injecting
+    /// their KV as stored, encoded chunk by chunk. Contiguous positions and M = N only.
     pub reread: bool,
     pub positions: Positions,
 }
@@ -124,7 +125,8 @@ pub enum FullKv {
     /// Keep it when it fits `disk_budget_gb`.
     Auto,
     Always,
-    /// Keep only the downsampled levels; leaves are re-encoded when a question needs them.
+    /// Keep only the downsampled levels; with `search.reread` off, leaves are re-encoded when
+    /// a question needs them (seconds per question where `ask` opens the tree afresh).
     Never,
 }
 

@@ -344,3 +344,32 @@ fn prefill_equals_one_token_steps_past_the_cache_growth_step() {
     assert_eq!(steps.len(), 300);
     assert!(max_diff(&got, &want) < 1e-4, "{}", max_diff(&got, &want));
 }
+
+#[test]
+fn prefill_at_explicit_positions_equals_its_parts_and_sets_the_next_position() {
+    // 600 tokens: more than one 512-token piece, with a jump in the positions.
+    let m = tiny(RopeStyle::Neox);
+    let ids: Vec<u32> = (0..600u32).map(|i| (i * 17 + 3) % VOCAB as u32).collect();
+    let positions: Vec<u32> = (0..600u32)
+        .map(|i| if i < 300 { 5 + i } else { 400 + i })
+        .collect();
+    let mut whole = m.new_cache();
+    let want = m.prefill_at(&ids, &positions, &mut whole).expect("whole");
+    assert_eq!(whole.len(), 600);
+    assert_eq!(whole.next_position(), 1000);
+    let mut parts = m.new_cache();
+    m.prefill_at(&ids[..300], &positions[..300], &mut parts)
+        .expect("first");
+    let got = m
+        .prefill_at(&ids[300..], &positions[300..], &mut parts)
+        .expect("second");
+    assert!(max_diff(&got, &want) < 1e-4, "{}", max_diff(&got, &want));
+    // The positions are used: the same tokens without the jump give another state.
+    let plain = m
+        .prefill_at(&ids, &(5..605).collect::<Vec<u32>>(), &mut m.new_cache())
+        .expect("plain");
+    assert!(max_diff(&plain, &want) > 1e-3);
+    assert!(m
+        .prefill_at(&ids, &positions[..10], &mut m.new_cache())
+        .is_err());
+}

@@ -9,7 +9,7 @@ use slm_chat::engine::ingest::open_or_build;
 use slm_chat::engine::{sink_prefix, TreeSession};
 use slm_chat::model::Forward;
 use slm_chat::store::Tree;
-use slm_chat::tree::layout::entries;
+use slm_chat::tree::layout::{entries, level_rows, node_number, node_spans};
 
 use crate::util::{default_model, greedy, llm, shared};
 
@@ -225,6 +225,130 @@ fn reread_reads_the_passages_as_one_text() {
     let d = max_diff(&got, &want);
     eprintln!("reread, everything: max |Δlogit| = {d}");
     assert!(d < 1e-3, "max |Δlogit| {d}");
+}
+
+/// Reread with coarse and full-resolution nodes mixed: each passage is read after the coarse
+/// entries that precede it in the document, never after those that follow it. The cache
+/// equals one built by hand from the model's own steps in document order (stored rows
+/// injected, passages prefilled), holds exactly the entries reported, and the question
+/// continues after them; reading every passage after all coarse entries (the order this
+/// replaced) gives other logits.
+#[test]
+fn reread_reads_each_passage_after_what_precedes_it() {
+    let built = build(20_000, 256, FullKv::Never);
+    let doc = built.tree.tokens().to_vec();
+    let plan = built.tree.manifest().plan.clone();
+    let mut session = TreeSession::new(llm(), built.tree).expect("session");
+    let settings = SearchSettings {
+        budget: 200,
+        fine_budget: 128,
+        cut_marks: false,
+        reread: true,
+        ..SearchSettings::default()
+    };
+    let mut p = session.prepare(QUESTION, &settings, 32).expect("prepare");
+    let first_fine = p
+        .selected
+        .iter()
+        .position(|s| s.alpha == 1)
+        .expect("a passage");
+    assert!(
+        p.selected[first_fine..].iter().any(|s| s.alpha > 1),
+        "a coarse node after a passage"
+    );
+    let prefix = sink_prefix(llm()).expect("sink");
+    let p0 = prefix.len();
+    assert_eq!(p.cache.len(), p0 + p.entries);
+    assert_eq!(p.cache.next_position(), p0 + p.entries);
+    let m = &llm().model;
+    let kv_dim = plan.kv_dim;
+    // The cache by hand; `passages_last` puts every passage after all coarse entries.
+    let by_hand = |passages_last: bool| {
+        let mut cache = m.new_cache();
+        m.prefill(&prefix, &mut cache).expect("prefix");
+        let mut starts = Vec::new();
+        let mut at = p0;
+        for s in &p.selected {
+            starts.push(at);
+            let node = &plan.chunks[s.chunk].nodes[node_number(s.level, s.index)];
+            at += entries(node.tokens.1 - node.tokens.0, s.alpha);
+        }
+        let coarse = p.selected.iter().zip(&starts).filter(|(s, _)| s.alpha > 1);
+        let passages = p.selected.iter().zip(&starts).filter(|(s, _)| s.alpha == 1);
+        let order: Vec<_> = if passages_last {
+            coarse.chain(passages).collect()
+        } else {
+            p.selected.iter().zip(&starts).collect()
+        };
+        for (s, &start) in order {
+            let node = &plan.chunks[s.chunk].nodes[node_number(s.level, s.index)];
+            if s.alpha == 1 {
+                let len = node.tokens.1 - node.tokens.0;
+                let pos: Vec<u32> = (start..start + len).map(|x| x as u32).collect();
+                m.prefill_at(&doc[node.tokens.0..node.tokens.1], &pos, &mut cache)
+                    .expect("passage");
+                continue;
+            }
+            let len = plan.chunks[s.chunk].nodes[0].tokens;
+            let spans = node_spans(len.1 - len.0, plan.config.height);
+            let rows = level_rows(&spans, s.level, s.alpha);
+            let total = rows.last().expect("rows").end;
+            let take = rows[s.index].clone();
+            let src = session.tree().level(s.chunk, s.level).expect("level");
+            let pos: Vec<u32> = (start..start + take.len()).map(|x| x as u32).collect();
+            for layer in 0..plan.config.layers {
+                let part = |half: usize| {
+                    let base = ((layer * 2 + half) * total + take.start) * kv_dim;
+                    let f: Vec<f32> = src[base..base + take.len() * kv_dim]
+                        .iter()
+                        .map(|x| x.to_f32())
+                        .collect();
+                    Tensor::from_slice(&f, (take.len(), kv_dim), m.device()).expect("tensor")
+                };
+                let kv = slm_chat::model::LayerKv {
+                    k: part(0),
+                    v: part(1),
+                };
+                m.inject(&mut cache, layer, &kv, &pos).expect("inject");
+            }
+        }
+        cache.set_next_position(at);
+        m.prefill(&p.suffix, &mut cache).expect("question")
+    };
+    let got = m.prefill(&p.suffix, &mut p.cache).expect("question");
+    let d = max_diff(&got, &by_hand(false));
+    let other = max_diff(&got, &by_hand(true));
+    eprintln!("reread, mixed: max |Δlogit| = {d} (passages last: {other})");
+    assert!(d < 1e-3, "max |Δlogit| {d}");
+    assert!(
+        other > 1e-2,
+        "the order of reading made no difference: {other}"
+    );
+    // With cut marks the marks are read as text too, and are in the cache.
+    let marked = SearchSettings {
+        cut_marks: true,
+        ..settings
+    };
+    let mut with_marks = 0;
+    for question in [
+        QUESTION,
+        "What did Mr. Woodhouse think of matrimony?",
+        "Whose stable is mentioned?",
+    ] {
+        let p = session.prepare(question, &marked, 32).expect("prepare");
+        let nodes: usize = p
+            .selected
+            .iter()
+            .map(|s| {
+                let node = &plan.chunks[s.chunk].nodes[node_number(s.level, s.index)];
+                entries(node.tokens.1 - node.tokens.0, s.alpha)
+            })
+            .sum();
+        with_marks += usize::from(p.entries > nodes);
+        assert_eq!(p.cache.len(), p0 + p.entries);
+        assert_eq!(p.cache.next_position(), p0 + p.entries);
+    }
+    assert!(with_marks > 0, "no question put a mark in");
 }
 
 /// Check E: a second question on a loaded tree never runs the lower model over the whole

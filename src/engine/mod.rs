@@ -145,7 +145,8 @@ pub struct Timings {
     /// For `tree` from the command line: finding and opening the stored tree.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub open_ms: Option<f64>,
-    /// For `tree`: search plus putting the chosen KV into the cache.
+    /// For `tree`, after the search: putting the chosen nodes into the cache (with reread,
+    /// prefilling the passages read again).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inject_ms: Option<f64>,
     pub first_token_ms: f64,
@@ -162,7 +163,8 @@ pub struct Memory {
     pub kv_bytes: usize,
     pub weight_bytes: usize,
     pub peak_rss_bytes: Option<u64>,
-    /// For `tree`: KV entries injected and their bytes in the cache.
+    /// For `tree`: entries placed in the cache for the document (stored, or read again as
+    /// text) and their bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub injected_entries: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -343,9 +343,9 @@ impl<'a> TreeSession<'a> {
     }
 
     /// Put the selected nodes into `cache` after the prefix, with the cut mark before the
-    /// nodes `cuts` says; returns the entries injected. With `reread`, the passages at full
-    /// resolution (and the marks) are run through the model as text after the coarse entries,
-    /// at their own positions; otherwise their stored KV goes in.
+    /// nodes `cuts` says; returns the entries placed. With `reread`, the passages at full
+    /// resolution (and the marks) are run through the model as text, each run at its own
+    /// positions after the coarse entries that precede it; otherwise their stored KV goes in.
     fn inject(
         &mut self,
         selected: &[Selected],
@@ -355,15 +355,20 @@ impl<'a> TreeSession<'a> {
         cache: &mut KvCache,
     ) -> Result<usize, EngineError> {
         let plan = self.tree.manifest().plan.clone();
+        // Text read now goes through every layer; with M < N the layers from M up must see
+        // no document (METHOD.md, "Injection"), so such trees inject the stored passages.
+        let reread = reread && plan.config.layers == self.llm.model.config().n_layer;
         // Leaves the tree does not keep are encoded now, once per chunk per session, by one
         // encoder (its sink prefix runs once per question that needs any).
         let mut missing: Vec<usize> = Vec::new();
-        for s in selected.iter().filter(|s| s.alpha == 1 && !reread) {
-            if self.tree.full(s.chunk)?.is_none()
-                && !self.reencoded.contains_key(&s.chunk)
-                && !missing.contains(&s.chunk)
-            {
-                missing.push(s.chunk);
+        if !reread {
+            for s in selected.iter().filter(|s| s.alpha == 1) {
+                if self.tree.full(s.chunk)?.is_none()
+                    && !self.reencoded.contains_key(&s.chunk)
+                    && !missing.contains(&s.chunk)
+                {
+                    missing.push(s.chunk);
+                }
             }
         }
         let needs_mark = !reread && self.mark_kv.is_none() && cuts.contains(&true);
@@ -459,26 +464,26 @@ impl<'a> TreeSession<'a> {
         // only what comes before it in the document, as it would in the book (keys from
         // later in the text would sit at positions ahead of it, which no prompt ever shows
         // the model).
-        let mut i = 0;
-        while i < parts.len() {
-            let text = matches!(parts[i], Part::Text(_));
-            let end = (i..parts.len())
-                .find(|&j| matches!(parts[j], Part::Text(_)) != text)
-                .unwrap_or(parts.len());
-            let pos: Vec<u32> = (i..end).flat_map(|j| span(j, parts[j].len())).collect();
-            if text {
-                let tokens: Vec<u32> = parts[i..end]
-                    .iter()
-                    .flat_map(|part| match part {
-                        Part::Text(t) => t.to_vec(),
-                        Part::Kv(..) => Vec::new(),
-                    })
-                    .collect();
-                self.llm.model.prefill_at(&tokens, &pos, cache)?;
-            } else {
-                self.inject_stored(&parts[i..end], &pos, cache)?;
+        let mut first = 0;
+        for run in parts.chunk_by(|a, b| a.text().is_some() == b.text().is_some()) {
+            let pos: Vec<u32> = (first..first + run.len())
+                .flat_map(|j| span(j, parts[j].len()))
+                .collect();
+            first += run.len();
+            if pos.is_empty() {
+                continue;
             }
-            i = end;
+            let text: Vec<u32> = run
+                .iter()
+                .filter_map(Part::text)
+                .flatten()
+                .copied()
+                .collect();
+            if text.is_empty() {
+                self.inject_stored(run, &pos, cache)?;
+            } else {
+                self.llm.model.prefill_at(&text, &pos, cache)?;
+            }
         }
         cache.set_next_position(next);
         Ok(n)
@@ -499,10 +504,7 @@ impl<'a> TreeSession<'a> {
         let mut v = vec![0f32; n * kv_dim];
         for layer in 0..layers {
             let mut at = 0;
-            for part in parts {
-                let Part::Kv(src, rows, take) = part else {
-                    continue;
-                };
+            for (src, rows, take) in parts.iter().filter_map(Part::stored) {
                 for (half, dst) in [(0, &mut k), (1, &mut v)] {
                     let base = ((layer * 2 + half) * rows + take.start) * kv_dim;
                     let from = &src[base..base + take.len() * kv_dim];
@@ -545,11 +547,25 @@ enum Part<'s> {
     Text(&'s [u32]),
 }
 
-impl Part<'_> {
+impl<'s> Part<'s> {
     fn len(&self) -> usize {
         match self {
             Part::Kv(_, _, take) => take.len(),
             Part::Text(t) => t.len(),
+        }
+    }
+
+    fn text(&self) -> Option<&'s [u32]> {
+        match self {
+            Part::Text(t) => Some(t),
+            Part::Kv(..) => None,
+        }
+    }
+
+    fn stored(&self) -> Option<(&'s [f16], usize, std::ops::Range<usize>)> {
+        match self {
+            Part::Kv(src, rows, take) => Some((src, *rows, take.clone())),
+            Part::Text(_) => None,
         }
     }
 }

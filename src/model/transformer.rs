@@ -491,7 +491,8 @@ impl Model {
 
     /// Run every layer over `tokens` at `positions` (one each, any order), causal among
     /// themselves and seeing all that `cache` holds, adding their KV to it; returns the last
-    /// token's hidden state `(1, d_model)`. The next token then follows the last position.
+    /// token's hidden state `(1, d_model)`. The next token then follows the slice's last
+    /// position.
     pub fn prefill_at(
         &self,
         tokens: &[u32],
