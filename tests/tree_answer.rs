@@ -10,6 +10,7 @@ use slm_chat::engine::{sink_prefix, TreeSession};
 use slm_chat::model::Forward;
 use slm_chat::store::Tree;
 use slm_chat::tree::layout::{entries, level_rows, node_number, node_spans};
+use slm_chat::tree::search::Selected;
 
 use crate::util::{default_model, greedy, llm, shared};
 
@@ -262,6 +263,7 @@ fn reread_reads_each_passage_after_what_precedes_it() {
     assert_eq!(p.cache.next_position(), p0 + p.entries);
     let m = &llm().model;
     let kv_dim = plan.kv_dim;
+    let node = |s: &Selected| plan.chunks[s.chunk].nodes[node_number(s.level, s.index)].tokens;
     // The cache by hand; `passages_last` puts every passage after all coarse entries.
     let by_hand = |passages_last: bool| {
         let mut cache = m.new_cache();
@@ -270,8 +272,8 @@ fn reread_reads_each_passage_after_what_precedes_it() {
         let mut at = p0;
         for s in &p.selected {
             starts.push(at);
-            let node = &plan.chunks[s.chunk].nodes[node_number(s.level, s.index)];
-            at += entries(node.tokens.1 - node.tokens.0, s.alpha);
+            let (a, b) = node(s);
+            at += entries(b - a, s.alpha);
         }
         let coarse = p.selected.iter().zip(&starts).filter(|(s, _)| s.alpha > 1);
         let passages = p.selected.iter().zip(&starts).filter(|(s, _)| s.alpha == 1);
@@ -281,12 +283,10 @@ fn reread_reads_each_passage_after_what_precedes_it() {
             p.selected.iter().zip(&starts).collect()
         };
         for (s, &start) in order {
-            let node = &plan.chunks[s.chunk].nodes[node_number(s.level, s.index)];
             if s.alpha == 1 {
-                let len = node.tokens.1 - node.tokens.0;
-                let pos: Vec<u32> = (start..start + len).map(|x| x as u32).collect();
-                m.prefill_at(&doc[node.tokens.0..node.tokens.1], &pos, &mut cache)
-                    .expect("passage");
+                let (a, b) = node(s);
+                let pos: Vec<u32> = (start..start + b - a).map(|x| x as u32).collect();
+                m.prefill_at(&doc[a..b], &pos, &mut cache).expect("passage");
                 continue;
             }
             let len = plan.chunks[s.chunk].nodes[0].tokens;
@@ -340,8 +340,8 @@ fn reread_reads_each_passage_after_what_precedes_it() {
             .selected
             .iter()
             .map(|s| {
-                let node = &plan.chunks[s.chunk].nodes[node_number(s.level, s.index)];
-                entries(node.tokens.1 - node.tokens.0, s.alpha)
+                let (a, b) = node(s);
+                entries(b - a, s.alpha)
             })
             .sum();
         with_marks += usize::from(p.entries > nodes);
