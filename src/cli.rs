@@ -751,11 +751,15 @@ fn ask_tree(config: &Config, file: &Path, question: &str, json: bool) -> Result<
     }
     let m = &answer.memory;
     eprintln!(
-        "slm-chat: {} · {} nodes ({} entries, {} at full resolution) of {} document tokens · search {:.0} ms · first token {:.0} ms · decode {:.1} tok/s · injected KV {} (full attention: {}) · peak RSS {}",
+        "slm-chat: {} · {} nodes ({} entries, {} at full resolution{}) of {} document tokens · search {:.0} ms · first token {:.0} ms · decode {:.1} tok/s · injected KV {} (full attention: {}) · peak RSS {}",
         answer.stop,
         answer.nodes.len(),
         m.injected_entries.unwrap_or(0),
         answer.nodes.iter().filter(|n| n.alpha == 1).map(|n| n.tokens.1 - n.tokens.0).sum::<usize>(),
+        match answer.timings.reread_tokens {
+            Some(r) if r > 0 => format!(", {r} tokens read again"),
+            _ => String::new(),
+        },
         answer.document_tokens,
         answer.timings.search_ms.unwrap_or(0.0),
         answer.timings.first_token_ms,

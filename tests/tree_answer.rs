@@ -102,6 +102,7 @@ fn tree_logits(built: Built, chunk_check: impl Fn(&Tree)) -> TreeRun {
         "all at full resolution"
     );
     assert_eq!(p.entries, doc.len());
+    assert_eq!(p.reread_tokens, 0, "stored KV, nothing read as text");
     let logits = llm()
         .model
         .prefill(&p.suffix, &mut p.cache)
@@ -216,6 +217,7 @@ fn reread_reads_the_passages_as_one_text() {
     let mut p = session.prepare(QUESTION, &settings, 32).expect("prepare");
     assert!(p.selected.iter().all(|s| s.alpha == 1));
     assert_eq!(p.entries, doc.len());
+    assert_eq!(p.reread_tokens, doc.len(), "every entry read as text");
     assert_eq!(session.lower_model_tokens(), 0);
     let m = &llm().model;
     let got = m.prefill(&p.suffix, &mut p.cache).expect("suffix");
@@ -264,6 +266,16 @@ fn reread_reads_each_passage_after_what_precedes_it() {
     let m = &llm().model;
     let kv_dim = plan.kv_dim;
     let node = |s: &Selected| plan.chunks[s.chunk].nodes[node_number(s.level, s.index)].tokens;
+    let fine: usize = p
+        .selected
+        .iter()
+        .filter(|s| s.alpha == 1)
+        .map(|s| node(s).1 - node(s).0)
+        .sum();
+    assert_eq!(
+        p.reread_tokens, fine,
+        "the passages, and only they, read as text"
+    );
     // The cache by hand; `passages_last` puts every passage after all coarse entries.
     let by_hand = |passages_last: bool| {
         let mut cache = m.new_cache();

@@ -149,6 +149,9 @@ pub struct Timings {
     /// prefilling the passages read again).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inject_ms: Option<f64>,
+    /// For `tree`: document tokens (and cut marks) read again as text during `inject_ms`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reread_tokens: Option<usize>,
     pub first_token_ms: f64,
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
@@ -373,6 +376,7 @@ fn timings(s: &GenerationStats, start: Instant) -> Timings {
         search_ms: None,
         open_ms: None,
         inject_ms: None,
+        reread_tokens: None,
         first_token_ms: s.first_token_secs * 1e3,
         prefill_tok_s: s.prefill_tok_s(),
         decode_tok_s: s.decode_tok_s(),

@@ -49,6 +49,8 @@ pub struct Prepared {
     pub suffix: Vec<u32>,
     pub selected: Vec<Selected>,
     pub entries: usize,
+    /// Of `entries`, the tokens run through the model as text (reread passages and marks).
+    pub reread_tokens: usize,
     pub search_ms: f64,
     pub prepare_ms: f64,
 }
@@ -158,7 +160,7 @@ impl<'a> TreeSession<'a> {
         let planned = selected.iter().map(|s| s.entries).sum::<usize>()
             + cuts.iter().filter(|&&c| c).count() * self.mark.len();
         cache.reserve(self.prefix_len + planned + parts.suffix.len() + answer_tokens)?;
-        let entries = self.inject(
+        let (entries, reread_tokens) = self.inject(
             &selected,
             &cuts,
             settings.positions,
@@ -170,6 +172,7 @@ impl<'a> TreeSession<'a> {
             suffix: parts.suffix,
             selected,
             entries,
+            reread_tokens,
             search_ms,
             prepare_ms: start.elapsed().as_secs_f64() * 1e3,
         })
@@ -218,6 +221,7 @@ impl<'a> TreeSession<'a> {
         t.first_token_ms += p.prepare_ms;
         t.search_ms = Some(p.search_ms);
         t.inject_ms = Some(p.prepare_ms - p.search_ms);
+        t.reread_tokens = Some(p.reread_tokens);
         Ok(Answer {
             answer: gen.text.trim().to_string(),
             method: Method::Tree,
@@ -343,7 +347,8 @@ impl<'a> TreeSession<'a> {
     }
 
     /// Put the selected nodes into `cache` after the prefix, with the cut mark before the
-    /// nodes `cuts` says; returns the entries placed. With `reread`, the passages at full
+    /// nodes `cuts` says; returns the entries placed and how many of them were read as text.
+    /// With `reread`, the passages at full
     /// resolution (and the marks) are run through the model as text, each run at its own
     /// positions after the coarse entries that precede it; otherwise their stored KV goes in.
     fn inject(
@@ -353,7 +358,7 @@ impl<'a> TreeSession<'a> {
         positions: Positions,
         reread: bool,
         cache: &mut KvCache,
-    ) -> Result<usize, EngineError> {
+    ) -> Result<(usize, usize), EngineError> {
         let plan = self.tree.manifest().plan.clone();
         // Text read now goes through every layer; with M < N the layers from M up must see
         // no document (METHOD.md, "Injection"), so such trees inject the stored passages.
@@ -423,7 +428,7 @@ impl<'a> TreeSession<'a> {
         }
         let n: usize = parts.iter().map(Part::len).sum();
         if n == 0 {
-            return Ok(0);
+            return Ok((0, 0));
         }
         let p = self.prefix_len;
         // Each part's first position.
@@ -465,6 +470,7 @@ impl<'a> TreeSession<'a> {
         // later in the text would sit at positions ahead of it, which no prompt ever shows
         // the model).
         let mut first = 0;
+        let mut read = 0;
         for run in parts.chunk_by(|a, b| a.text().is_some() == b.text().is_some()) {
             let pos: Vec<u32> = (first..first + run.len())
                 .flat_map(|j| span(j, parts[j].len()))
@@ -483,10 +489,11 @@ impl<'a> TreeSession<'a> {
                 self.inject_stored(run, &pos, cache)?;
             } else {
                 self.llm.model.prefill_at(&text, &pos, cache)?;
+                read += text.len();
             }
         }
         cache.set_next_position(next);
-        Ok(n)
+        Ok((n, read))
     }
 
     /// Copy stored parts' KV into every layer of `cache` at `pos` (one per entry).
