@@ -163,6 +163,9 @@ struct SearchFlags {
     /// Read the full-resolution passages again at question time as text (true or false).
     #[arg(long)]
     reread: Option<bool>,
+    /// Nats taken off the attention logit of every coarse entry (0 = off).
+    #[arg(long)]
+    coarse_bias: Option<f32>,
     /// contiguous or chunk.
     #[arg(long, value_enum)]
     positions: Option<Positions>,
@@ -190,6 +193,9 @@ impl SearchFlags {
         }
         if let Some(x) = self.reread {
             s.reread = x;
+        }
+        if let Some(x) = self.coarse_bias {
+            s.coarse_bias = x;
         }
         if let Some(x) = self.positions {
             s.positions = x;
@@ -340,16 +346,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             let report = serde_json::json!({
                 "dataset": dataset,
                 "method": label,
-                "search": {
-                    "scorer": config.search.scorer,
-                    "policy": config.search.policy,
-                    "budget": config.search.budget,
-                    "fine_budget": config.search.fine_budget,
-                    "fine_level": config.search.fine_level,
-                    "cut_marks": config.search.cut_marks,
-                    "reread": config.search.reread,
-                    "positions": config.search.positions,
-                },
+                "search": config.search,
                 "tree": config.tree,
                 "correct": results.iter().filter(|r| r.correct).count(),
                 "cases": results,

@@ -57,6 +57,10 @@ pub struct SearchSettings {
     /// model prefills at most `fine_budget` tokens plus the cut marks), instead of injecting
     /// their KV as stored, encoded chunk by chunk. Contiguous positions and M = N only.
     pub reread: bool,
+    /// Subtracted from the attention logit of every coarse entry (α > 1), in nats; 0 = off.
+    /// The model was never trained on pooled keys and attends them more than the text they
+    /// stand for, which drowns the passages read in full (measured: BENCHMARKS.md).
+    pub coarse_bias: f32,
     pub positions: Positions,
 }
 
@@ -70,6 +74,7 @@ impl Default for SearchSettings {
             fine_level: 3,
             cut_marks: true,
             reread: true,
+            coarse_bias: 2.0,
             positions: Positions::Contiguous,
         }
     }
@@ -304,6 +309,10 @@ impl Config {
         if !(g.top_p > 0.0 && g.top_p <= 1.0) {
             return bad("generate.top_p", "must be in (0, 1]");
         }
+        let c = self.search.coarse_bias;
+        if !(c.is_finite() && c >= 0.0) {
+            return bad("search.coarse_bias", "must be a number ≥ 0");
+        }
         if self.rag.chunk_tokens < 16 {
             return bad("rag.chunk_tokens", "must be at least 16");
         }
@@ -454,11 +463,13 @@ mod tests {
         let vars = [
             ("SLM_CHAT_GENERATE_MAX_TOKENS".to_string(), "12".to_string()),
             ("SLM_CHAT_MODEL_DEVICE".to_string(), "cpu".to_string()),
+            ("SLM_CHAT_SEARCH_COARSE_BIAS".to_string(), "3".to_string()),
             ("HOME".to_string(), "/x".to_string()),
         ];
         apply_env(&mut v, vars.into_iter()).expect("applies");
         let c = Config::deserialize(v).expect("valid");
         assert_eq!(c.generate.max_tokens, 12);
+        assert_eq!(c.search.coarse_bias, 3.0);
         assert_eq!(c.model.device, DeviceChoice::Cpu);
 
         let mut v = toml::Value::try_from(Config::default()).expect("toml");

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use slm_chat::model::{from_tensors, Config, Forward, Model, RopeScaling, RopeStyle};
+use slm_chat::model::{
+    from_tensors, Config, Forward, KvCache, LayerKv, Model, RopeScaling, RopeStyle,
+};
 
 const D: usize = 64;
 const HEADS: usize = 4;
@@ -372,4 +374,86 @@ fn prefill_at_explicit_positions_equals_its_parts_and_sets_the_next_position() {
     assert!(m
         .prefill_at(&ids, &positions[..10], &mut m.new_cache())
         .is_err());
+}
+
+/// A logit bias weighs an injected entry as attention would weigh copies of it: ln 2 equals
+/// the entry twice, -inf equals leaving it out, 0 changes nothing; for the question's
+/// prefill (block attention) and a decode step after it (one-query attention), in a fork too.
+#[test]
+fn logit_bias_weighs_an_entry_like_copies_of_it() {
+    let m = tiny(RopeStyle::Neox);
+    let (prefix, context, question) = (tokens(5, 1), tokens(9, 2), tokens(6, 3));
+    let mut enc = m.new_cache();
+    m.prefill(&prefix, &mut enc).expect("prefix");
+    let pos = positions(prefix.len() as u32, context.len());
+    let f = Forward {
+        keep_kv: true,
+        ..Forward::all(&m, &pos)
+    };
+    let x = m.embed(&context).expect("embed");
+    let kv = m.forward(&x, &f, &mut enc).expect("encode").kv;
+    let p0 = prefix.len();
+    // The prefix, then the context entries `keep` (indices into the context) in that order.
+    let cache_of = |keep: &[usize]| {
+        let mut cache = m.new_cache();
+        m.prefill(&prefix, &mut cache).expect("prefix");
+        let ids: Vec<u32> = keep.iter().map(|&i| i as u32).collect();
+        let idx = Tensor::new(ids.as_slice(), &Device::Cpu).expect("index");
+        let at: Vec<u32> = keep.iter().map(|&i| pos[i]).collect();
+        for (layer, l) in kv.iter().enumerate() {
+            let part = LayerKv {
+                k: l.k
+                    .contiguous()
+                    .and_then(|k| k.index_select(&idx, 0))
+                    .expect("k"),
+                v: l.v
+                    .contiguous()
+                    .and_then(|v| v.index_select(&idx, 0))
+                    .expect("v"),
+            };
+            m.inject(&mut cache, layer, &part, &at).expect("inject");
+        }
+        cache.set_next_position(p0 + context.len());
+        cache
+    };
+    // The question's last logits, then those of one more token.
+    let answer = |mut cache: KvCache| {
+        let a = m.prefill(&question, &mut cache).expect("question");
+        let b = m.prefill(&question[..1], &mut cache).expect("step");
+        (a, b)
+    };
+    let close =
+        |(a, b): (Tensor, Tensor), (c, d): (Tensor, Tensor)| max_diff(&a, &c).max(max_diff(&b, &d));
+    let all: Vec<usize> = (0..context.len()).collect();
+    let plain = answer(cache_of(&all));
+
+    let mut twice = all.clone();
+    twice.push(3);
+    let mut biased = cache_of(&all);
+    biased
+        .set_logit_bias(p0 + 3, 1, std::f32::consts::LN_2)
+        .expect("bias");
+    let biased = answer(biased.fork().expect("fork"));
+    let d = close(answer(cache_of(&twice)), biased.clone());
+    assert!(d < 1e-4, "ln 2 against a copy: {d}");
+    assert!(
+        close(plain.clone(), biased) > 1e-3,
+        "the bias changes the answer"
+    );
+
+    let without: Vec<usize> = all.iter().copied().filter(|&i| i != 3).collect();
+    let mut hidden = cache_of(&all);
+    hidden
+        .set_logit_bias(p0 + 3, 1, f32::NEG_INFINITY)
+        .expect("bias");
+    let d = close(answer(cache_of(&without)), answer(hidden));
+    assert!(d < 1e-4, "-inf against leaving it out: {d}");
+
+    let mut zero = cache_of(&all);
+    zero.set_logit_bias(p0, context.len(), 0.0).expect("bias");
+    assert!(close(plain, answer(zero)) < 1e-6);
+
+    let mut c = cache_of(&all);
+    assert!(c.set_logit_bias(p0, context.len() + 1, -1.0).is_err());
+    assert!(c.set_logit_bias(0, 1, f32::NAN).is_err());
 }

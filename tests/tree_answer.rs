@@ -235,7 +235,8 @@ fn reread_reads_the_passages_as_one_text() {
 /// equals one built by hand from the model's own steps in document order (stored rows
 /// injected, passages prefilled), holds exactly the entries reported, and the question
 /// continues after them; reading every passage after all coarse entries (the order this
-/// replaced) gives other logits.
+/// replaced) gives other logits. Coarse entries, and only they, carry `coarse_bias` (the
+/// cache without it gives other logits).
 #[test]
 fn reread_reads_each_passage_after_what_precedes_it() {
     let built = build(20_000, 256, FullKv::Never);
@@ -276,8 +277,9 @@ fn reread_reads_each_passage_after_what_precedes_it() {
         p.reread_tokens, fine,
         "the passages, and only they, read as text"
     );
-    // The cache by hand; `passages_last` puts every passage after all coarse entries.
-    let by_hand = |passages_last: bool| {
+    // The cache by hand; `passages_last` puts every passage after all coarse entries, and
+    // coarse entries get `bias` on their attention logits.
+    let by_hand = |passages_last: bool, bias: f32| {
         let mut cache = m.new_cache();
         m.prefill(&prefix, &mut cache).expect("prefix");
         let mut starts = Vec::new();
@@ -323,18 +325,31 @@ fn reread_reads_each_passage_after_what_precedes_it() {
                 };
                 m.inject(&mut cache, layer, &kv, &pos).expect("inject");
             }
+            let n = take.len();
+            cache
+                .set_logit_bias(cache.len() - n, n, bias)
+                .expect("bias");
         }
         cache.set_next_position(at);
         m.prefill(&p.suffix, &mut cache).expect("question")
     };
     let got = m.prefill(&p.suffix, &mut p.cache).expect("question");
-    let d = max_diff(&got, &by_hand(false));
-    let other = max_diff(&got, &by_hand(true));
-    eprintln!("reread, mixed: max |Δlogit| = {d} (passages last: {other})");
+    let bias = -settings.coarse_bias;
+    assert!(bias < 0.0, "the default weighs coarse entries down");
+    let d = max_diff(&got, &by_hand(false, bias));
+    let other = max_diff(&got, &by_hand(true, bias));
+    let unbiased = max_diff(&got, &by_hand(false, 0.0));
+    eprintln!(
+        "reread, mixed: max |Δlogit| = {d} (passages last: {other}, coarse entries unbiased: {unbiased})"
+    );
     assert!(d < 1e-3, "max |Δlogit| {d}");
     assert!(
         other > 1e-2,
         "the order of reading made no difference: {other}"
+    );
+    assert!(
+        unbiased > 1e-2,
+        "the coarse bias made no difference: {unbiased}"
     );
     // With cut marks the marks are read as text too, and are in the cache.
     let marked = SearchSettings {

@@ -160,13 +160,7 @@ impl<'a> TreeSession<'a> {
         let planned = selected.iter().map(|s| s.entries).sum::<usize>()
             + cuts.iter().filter(|&&c| c).count() * self.mark.len();
         cache.reserve(self.prefix_len + planned + parts.suffix.len() + answer_tokens)?;
-        let (entries, reread_tokens) = self.inject(
-            &selected,
-            &cuts,
-            settings.positions,
-            reread(settings),
-            &mut cache,
-        )?;
+        let (entries, reread_tokens) = self.inject(&selected, &cuts, settings, &mut cache)?;
         Ok(Prepared {
             cache,
             suffix: parts.suffix,
@@ -348,17 +342,20 @@ impl<'a> TreeSession<'a> {
 
     /// Put the selected nodes into `cache` after the prefix, with the cut mark before the
     /// nodes `cuts` says; returns the entries placed and how many of them were read as text.
-    /// With `reread`, the passages at full
-    /// resolution (and the marks) are run through the model as text, each run at its own
-    /// positions after the coarse entries that precede it; otherwise their stored KV goes in.
+    /// With `reread`, the passages at full resolution (and the marks) are run through the
+    /// model as text, each run at its own positions after the coarse entries that precede
+    /// it; otherwise their stored KV goes in. Coarse entries get `coarse_bias` off their
+    /// attention logits.
     fn inject(
         &mut self,
         selected: &[Selected],
         cuts: &[bool],
-        positions: Positions,
-        reread: bool,
+        settings: &SearchSettings,
         cache: &mut KvCache,
     ) -> Result<(usize, usize), EngineError> {
+        let positions = settings.positions;
+        let reread = reread(settings);
+        let coarse_bias = -settings.coarse_bias;
         let plan = self.tree.manifest().plan.clone();
         // Text read now goes through every layer; with M < N the layers from M up must see
         // no document (METHOD.md, "Injection"), so such trees inject the stored passages.
@@ -397,7 +394,7 @@ impl<'a> TreeSession<'a> {
                 parts.push(if reread {
                     Part::Text(&self.mark)
                 } else {
-                    Part::Kv(mark, mark_rows, 0..mark_rows)
+                    Part::Kv(mark, mark_rows, 0..mark_rows, 0.0)
                 });
             }
             let len = self.node_lens[s.chunk][0];
@@ -415,7 +412,7 @@ impl<'a> TreeSession<'a> {
                         .map(Vec::as_slice)
                         .unwrap_or(&[]),
                 };
-                parts.push(Part::Kv(full, len, spans[number].clone()));
+                parts.push(Part::Kv(full, len, spans[number].clone(), 0.0));
             } else {
                 let rows = level_rows(&spans, s.level, s.alpha);
                 let total = rows.last().map_or(0, |r| r.end);
@@ -423,6 +420,7 @@ impl<'a> TreeSession<'a> {
                     self.tree.level(s.chunk, s.level)?,
                     total,
                     rows[s.index].clone(),
+                    coarse_bias,
                 ));
             }
         }
@@ -506,12 +504,13 @@ impl<'a> TreeSession<'a> {
         let plan = &self.tree.manifest().plan;
         let (layers, kv_dim) = (plan.config.layers, plan.kv_dim);
         let n = pos.len();
+        let first = cache.len();
         let device = self.llm.model.device().clone();
         let mut k = vec![0f32; n * kv_dim];
         let mut v = vec![0f32; n * kv_dim];
         for layer in 0..layers {
             let mut at = 0;
-            for (src, rows, take) in parts.iter().filter_map(Part::stored) {
+            for (src, rows, take, _) in parts.iter().filter_map(Part::stored) {
                 for (half, dst) in [(0, &mut k), (1, &mut v)] {
                     let base = ((layer * 2 + half) * rows + take.start) * kv_dim;
                     let from = &src[base..base + take.len() * kv_dim];
@@ -526,6 +525,13 @@ impl<'a> TreeSession<'a> {
                 v: Tensor::from_slice(&v, (n, kv_dim), &device)?,
             };
             self.llm.model.inject(cache, layer, &kv, pos)?;
+        }
+        let mut at = first;
+        for (_, _, take, bias) in parts.iter().filter_map(Part::stored) {
+            if bias != 0.0 {
+                cache.set_logit_bias(at, take.len(), bias)?;
+            }
+            at += take.len();
         }
         Ok(())
     }
@@ -548,8 +554,9 @@ impl<'a> TreeSession<'a> {
 
 /// One piece of what a question injects, in document order.
 enum Part<'s> {
-    /// Stored KV: the source `(layers, 2, rows, kv_dim)`, its row count, the rows taken.
-    Kv(&'s [f16], usize, std::ops::Range<usize>),
+    /// Stored KV: the source `(layers, 2, rows, kv_dim)`, its row count, the rows taken, and
+    /// the logit bias its entries get.
+    Kv(&'s [f16], usize, std::ops::Range<usize>, f32),
     /// Tokens read again by the upper model at question time.
     Text(&'s [u32]),
 }
@@ -557,7 +564,7 @@ enum Part<'s> {
 impl<'s> Part<'s> {
     fn len(&self) -> usize {
         match self {
-            Part::Kv(_, _, take) => take.len(),
+            Part::Kv(_, _, take, _) => take.len(),
             Part::Text(t) => t.len(),
         }
     }
@@ -569,9 +576,9 @@ impl<'s> Part<'s> {
         }
     }
 
-    fn stored(&self) -> Option<(&'s [f16], usize, std::ops::Range<usize>)> {
+    fn stored(&self) -> Option<(&'s [f16], usize, std::ops::Range<usize>, f32)> {
         match self {
-            Part::Kv(src, rows, take) => Some((src, *rows, take.clone())),
+            Part::Kv(src, rows, take, bias) => Some((src, *rows, take.clone(), *bias)),
             Part::Text(_) => None,
         }
     }

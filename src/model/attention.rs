@@ -133,6 +133,14 @@ pub(crate) fn attend(
 ) -> Result<Tensor> {
     let (n_head, _, head_dim) = q.dims3()?;
     let scale = 1.0 / (head_dim as f64).sqrt();
+    // The cache's logit bias covers entries before the new tokens; theirs add nothing.
+    let bias = cache.logit_bias(layer);
+    let bias = &bias[..bias.len().min(prior)];
+    let bias_gpu = if q.device().is_cpu() || bias.iter().all(|&b| b == 0.0) {
+        None
+    } else {
+        Some(Tensor::from_slice(bias, bias.len(), q.device())?)
+    };
     let mut outs = Vec::with_capacity(plan.blocks.len());
     for b in &plan.blocks {
         let tq = b.q1 - b.q0;
@@ -140,7 +148,7 @@ pub(crate) fn attend(
         let (k, v) = keys;
         if tq == 1 && b.mask.is_none() && q.device().is_cpu() {
             let qb = (q.narrow(1, b.q0, 1)?.contiguous()? * scale)?;
-            let out = qb.apply_op3_no_bwd(&k, &v, &OneQuery { probs_f16 })?;
+            let out = qb.apply_op3_no_bwd(&k, &v, &OneQuery { probs_f16, bias })?;
             outs.push(out.reshape((1, n_head * head_dim))?);
             continue;
         }
@@ -160,6 +168,7 @@ pub(crate) fn attend(
             // The scores are this block's own fresh tensor: turn them into probabilities in
             // place rather than allocating another block × keys buffer.
             scores.inplace_op1(&Softmax {
+                bias,
                 mask: b.mask.as_ref(),
                 rows: tq,
                 round_f16: probs_f16,
@@ -177,6 +186,12 @@ pub(crate) fn attend(
                     .narrow(D::Minus1, lk - cols, *cols)?
                     .broadcast_add(mask)?;
                 scores.slice_set(&tail, D::Minus1, lk - cols)?;
+            }
+            if let Some(bias) = &bias_gpu {
+                let head = scores
+                    .narrow(D::Minus1, 0, bias.dim(0)?)?
+                    .broadcast_add(bias)?;
+                scores.slice_set(&head, D::Minus1, 0)?;
             }
             let probs =
                 candle_nn::ops::softmax_last_dim(&scores)?.reshape((n_kv, group * tq, lk))?;
@@ -203,6 +218,8 @@ pub(crate) fn attend(
 /// (mask, softmax, two dtype casts, a copy back); here it is one, split across threads.
 /// Like llama.cpp, the exponentials are summed in f64 and scaled by the f32 reciprocal.
 struct Softmax<'a> {
+    /// Logit bias of the first key columns (the cache's entries before the new tokens).
+    bias: &'a [f32],
     mask: Option<&'a Mask>,
     /// Query rows per head: score row `i` belongs to query `i % rows`.
     rows: usize,
@@ -238,6 +255,9 @@ impl candle_core::InplaceOp1 for Softmax<'_> {
                     for (v, add) in tail.iter_mut().zip(&m.values[t * m.cols..(t + 1) * m.cols]) {
                         *v += add;
                     }
+                }
+                for (v, add) in row.iter_mut().zip(self.bias) {
+                    *v += add;
                 }
                 softmax_row(row, self.round_f16);
             });
@@ -331,11 +351,13 @@ fn f16_rounding_matches_the_half_crate() {
 /// Through gemm this is a 3-row matrix product per kv head plus a dozen tensor ops per layer;
 /// here each query head makes one pass over its keys and one over its values. Inputs: `q`
 /// `(n_head, 1, head_dim)` already scaled, `k` and `v` `(n_kv, keys, head_dim)` views.
-struct OneQuery {
+struct OneQuery<'a> {
     probs_f16: bool,
+    /// Logit bias of the first keys.
+    bias: &'a [f32],
 }
 
-impl candle_core::CustomOp3 for OneQuery {
+impl candle_core::CustomOp3 for OneQuery<'_> {
     fn name(&self) -> &'static str {
         "slm-one-query-attention"
     }
@@ -373,6 +395,9 @@ impl candle_core::CustomOp3 for OneQuery {
             let mut p: Vec<f32> = (0..lk)
                 .map(|j| dot(qh, &k[kb + j * hd..kb + (j + 1) * hd]))
                 .collect();
+            for (x, add) in p.iter_mut().zip(self.bias) {
+                *x += add;
+            }
             softmax_row(&mut p, self.probs_f16);
             for (j, &pj) in p.iter().enumerate() {
                 let vj = &v[vb + j * hd..vb + (j + 1) * hd];

@@ -27,6 +27,9 @@ pub struct KvCache {
     /// Position of the next token minus `len()`: non-zero when injected entries share
     /// positions (the paper's chunk-level ids).
     shift: i64,
+    /// Per layer, added to the attention logit of entry `i` for every query; entries past
+    /// its end add nothing. Empty for a cache the model filled itself.
+    bias: Vec<Vec<f32>>,
     n_kv_head: usize,
     head_dim: usize,
     device: Device,
@@ -38,6 +41,7 @@ impl KvCache {
             layers: (0..n_layer).map(|_| None).collect(),
             lens: vec![0; n_layer],
             shift: 0,
+            bias: vec![Vec::new(); n_layer],
             n_kv_head,
             head_dim,
             device: device.clone(),
@@ -100,6 +104,7 @@ impl KvCache {
             &self.device,
         );
         out.shift = self.shift;
+        out.bias = self.bias.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             if let Some(l) = layer {
                 let n = self.lens[i];
@@ -109,8 +114,40 @@ impl KvCache {
         Ok(out)
     }
 
+    /// Add `bias` to the attention logit of entries `[from, from + n)` for every query that
+    /// attends to them, in every layer that holds them now (layers run on their own, as
+    /// with M < N, may hold fewer): `ln 2` weighs an entry as two copies of it, `-inf` hides
+    /// it. Injected KV the model was not trained on is weighed down this way.
+    pub fn set_logit_bias(&mut self, from: usize, n: usize, bias: f32) -> Result<()> {
+        if from + n > self.len() || bias.is_nan() {
+            return Err(super::ModelError::Input(format!(
+                "logit bias {bias} for entries {from}..{} of a cache of {}",
+                from + n,
+                self.len()
+            )));
+        }
+        for (b, &len) in self.bias.iter_mut().zip(&self.lens) {
+            if len >= from + n {
+                if b.len() < from + n {
+                    b.resize(from + n, 0.0);
+                }
+                b[from..from + n].fill(bias);
+            }
+        }
+        Ok(())
+    }
+
+    /// The logit bias of layer `layer`'s first entries (shorter than the layer when the rest
+    /// add none).
+    pub(crate) fn logit_bias(&self, layer: usize) -> &[f32] {
+        &self.bias[layer]
+    }
+
     /// Forget everything after the first `len` entries of every layer.
     pub fn truncate(&mut self, len: usize) {
+        for b in &mut self.bias {
+            b.truncate(len);
+        }
         for l in &mut self.lens {
             *l = (*l).min(len);
         }
