@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::config::{user_config_path, Config, Positions, SearchSettings};
+use crate::config::{user_config_path, Config, Positions, Reread, SearchSettings};
 use crate::document::{self, LoadOptions, PdfWorkerArgs};
 use crate::engine::session::Progress;
 use crate::engine::{self, AskSettings, EngineError, Method, TreeSession};
@@ -160,9 +160,10 @@ struct SearchFlags {
     /// Mark the cuts around passages read at full resolution (true or false).
     #[arg(long)]
     cut_marks: Option<bool>,
-    /// Read the full-resolution passages again at question time as text (true or false).
-    #[arg(long)]
-    reread: Option<bool>,
+    /// Read the full-resolution passages again at question time as text: auto (when the
+    /// tree keeps no full-resolution KV), always or never.
+    #[arg(long, value_enum)]
+    reread: Option<Reread>,
     /// Nats taken off the attention logit of every coarse entry (0 = off).
     #[arg(long)]
     coarse_bias: Option<f32>,

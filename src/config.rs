@@ -52,11 +52,12 @@ pub struct SearchSettings {
     /// Put `rag`'s cut mark (`[…]`) where the injected text jumps next to a passage read at
     /// full resolution, so the model reads separate passages as separate.
     pub cut_marks: bool,
-    /// Read the passages chosen at full resolution again at question time as text, each run
-    /// at its document-order positions after the coarse entries that precede it (the upper
-    /// model prefills at most `fine_budget` tokens plus the cut marks), instead of injecting
-    /// their KV as stored, encoded chunk by chunk. Contiguous positions and M = N only.
-    pub reread: bool,
+    /// Whether the passages chosen at full resolution are read again at question time as
+    /// text, each run at its document-order positions after the coarse entries that precede
+    /// it (the upper model prefills at most `fine_budget` tokens plus the cut marks), instead
+    /// of injecting their stored KV, encoded chunk by chunk. Contiguous positions and M = N
+    /// only.
+    pub reread: Reread,
     /// Subtracted from the attention logit of every coarse entry (α > 1), in nats; 0 = off.
     /// The model was never trained on pooled keys and attends them more than the text they
     /// stand for, which drowns the passages read in full (measured: BENCHMARKS.md).
@@ -73,11 +74,23 @@ impl Default for SearchSettings {
             fine_budget: 256,
             fine_level: 3,
             cut_marks: true,
-            reread: true,
-            coarse_bias: 2.0,
+            reread: Reread::Auto,
+            coarse_bias: 3.0,
             positions: Positions::Contiguous,
         }
     }
+}
+
+/// When passages are read again as text (`search.reread`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Reread {
+    /// When the tree keeps no full-resolution KV (`store.full_kv`): stored leaves answer as
+    /// well with the coarse bias, at a quarter of the time to first token.
+    Auto,
+    Always,
+    /// Inject stored leaves; a tree without them encodes the chosen chunks again.
+    Never,
 }
 
 /// How a node's tokens are reduced to one KV entry per α tokens.
@@ -130,8 +143,8 @@ pub enum FullKv {
     /// Keep it when it fits `disk_budget_gb`.
     Auto,
     Always,
-    /// Keep only the downsampled levels; with `search.reread` off, leaves are re-encoded when
-    /// a question needs them (seconds per question where `ask` opens the tree afresh).
+    /// Keep only the downsampled levels: questions read their passages again as text
+    /// (`search.reread = auto`), ~0.5 s more to the first token on this CPU.
     Never,
 }
 
@@ -147,9 +160,9 @@ pub struct StoreSettings {
 impl Default for StoreSettings {
     fn default() -> Self {
         Self {
-            // Questions read their full-resolution passages again as text (`search.reread`),
-            // so stored leaves would go unused: a third of the disk without them.
-            full_kv: FullKv::Never,
+            // Stored leaves answer as well as passages read again and 4x sooner; a document
+            // whose leaves would take more than `disk_budget_gb` reads them again instead.
+            full_kv: FullKv::Auto,
             disk_budget_gb: 8.0,
         }
     }

@@ -309,7 +309,10 @@ fn config_path_answers_even_when_the_config_is_broken_and_bad_settings_are_named
     assert_one_line_error(&out, "config.toml");
     let out = run_env(&["config", "show"], &[("SLM_CHAT_GENERATE_TOP_P", "1.5")]);
     assert_one_line_error(&out, "generate.top_p");
-    let out = run_env(&["config", "show"], &[("SLM_CHAT_SEARCH_COARSE_BIAS", "-1")]);
+    let out = run_env(
+        &["config", "show"],
+        &[("SLM_CHAT_SEARCH_COARSE_BIAS", "-1")],
+    );
     assert_one_line_error(&out, "search.coarse_bias");
     let out = run_env(&["ask", "x.txt", "q", "--coarse-bias=-0.5"], &[]);
     assert_one_line_error(&out, "search.coarse_bias");

@@ -4,7 +4,7 @@
 use std::sync::atomic::AtomicBool;
 
 use candle_core::Tensor;
-use slm_chat::config::{Config, FullKv, SearchSettings};
+use slm_chat::config::{Config, FullKv, Reread, SearchSettings};
 use slm_chat::engine::ingest::open_or_build;
 use slm_chat::engine::{sink_prefix, TreeSession};
 use slm_chat::model::Forward;
@@ -53,7 +53,7 @@ fn everything() -> SearchSettings {
     SearchSettings {
         budget: 100_000,
         fine_budget: 100_000,
-        reread: false,
+        reread: Reread::Never,
         ..SearchSettings::default()
     }
 }
@@ -211,7 +211,7 @@ fn reread_reads_the_passages_as_one_text() {
     let doc = built.tree.tokens().to_vec();
     let mut session = TreeSession::new(llm(), built.tree).expect("session");
     let settings = SearchSettings {
-        reread: true,
+        reread: Reread::Always,
         ..everything()
     };
     let mut p = session.prepare(QUESTION, &settings, 32).expect("prepare");
@@ -247,7 +247,7 @@ fn reread_reads_each_passage_after_what_precedes_it() {
         budget: 200,
         fine_budget: 128,
         cut_marks: false,
-        reread: true,
+        reread: Reread::Always,
         ..SearchSettings::default()
     };
     let mut p = session.prepare(QUESTION, &settings, 32).expect("prepare");
@@ -387,9 +387,11 @@ fn check_e_asking_again_reuses_the_tree() {
     let params = greedy(4);
     let cancel = AtomicBool::new(false);
     for (full, reread) in [
-        (FullKv::Always, false),
-        (FullKv::Never, false),
-        (FullKv::Never, true),
+        (FullKv::Always, Reread::Never),
+        (FullKv::Never, Reread::Never),
+        (FullKv::Never, Reread::Always),
+        (FullKv::Always, Reread::Auto),
+        (FullKv::Never, Reread::Auto),
     ] {
         let built = build(6_000, 256, full);
         let doc_tokens = built.tree.tokens().len();
@@ -399,8 +401,17 @@ fn check_e_asking_again_reuses_the_tree() {
             reread,
             ..SearchSettings::default()
         };
-        s.ask(QUESTION, &settings, &params, &cancel, &mut |_| {})
+        let first = s
+            .ask(QUESTION, &settings, &params, &cancel, &mut |_| {})
             .expect("first");
+        // `auto` reads the passages again only where the tree keeps no leaves.
+        let read_again =
+            reread == Reread::Always || (reread == Reread::Auto && full == FullKv::Never);
+        assert_eq!(
+            first.timings.reread_tokens.is_some_and(|n| n > 0),
+            read_again,
+            "{full:?}, reread {reread:?}"
+        );
         let after_one = s.lower_model_tokens();
         s.ask(QUESTION, &settings, &params, &cancel, &mut |_| {})
             .expect("second");
@@ -413,14 +424,14 @@ fn check_e_asking_again_reuses_the_tree() {
         )
         .expect("third");
         let after_three = s.lower_model_tokens();
-        if full == FullKv::Never && !reread {
+        if full == FullKv::Never && reread == Reread::Never {
             assert!(
                 after_one > 0 && after_one < doc_tokens / 2,
                 "{after_one} of {doc_tokens}"
             );
             assert!(after_three < doc_tokens, "{after_three} of {doc_tokens}");
         } else {
-            assert_eq!(after_three, 0, "{full:?}, reread {reread}");
+            assert_eq!(after_three, 0, "{full:?}, reread {reread:?}");
         }
     }
 }
@@ -493,7 +504,7 @@ fn cut_marks_separate_passages_within_the_budget() {
     let cases = questions
         .iter()
         .flat_map(|q| [(q, true), (q, false)])
-        .flat_map(|(q, marks)| [(q, marks, false), (q, marks, true)]);
+        .flat_map(|(q, marks)| [(q, marks, Reread::Never), (q, marks, Reread::Always)]);
     for (question, cut_marks, reread) in cases {
         let settings = SearchSettings {
             budget: 200,

@@ -12,7 +12,7 @@ use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
 
 use super::{prompt_parts, timings, Answer, EngineError, Memory, Method, PromptParts};
-use crate::config::{Positions, SearchSettings};
+use crate::config::{Positions, Reread, SearchSettings};
 use crate::model::{generate, Forward, KvCache, LayerKv, Llm, SamplingParams};
 use crate::store::Tree;
 use crate::tree::layout::{level_rows, node_number, node_spans};
@@ -354,7 +354,7 @@ impl<'a> TreeSession<'a> {
         cache: &mut KvCache,
     ) -> Result<(usize, usize), EngineError> {
         let positions = settings.positions;
-        let reread = reread(settings);
+        let reread = reread(settings, self.tree.manifest().plan.config.full_kv);
         let coarse_bias = -settings.coarse_bias;
         let plan = self.tree.manifest().plan.clone();
         // Text read now goes through every layer; with M < N the layers from M up must see
@@ -584,10 +584,16 @@ impl<'s> Part<'s> {
     }
 }
 
-/// Whether `settings` read the full-resolution passages again as text. Only with contiguous
-/// positions: the paper's chunk ids give the text no order to be read in.
-fn reread(settings: &SearchSettings) -> bool {
-    settings.reread && settings.positions == Positions::Contiguous
+/// Whether `settings` read the full-resolution passages again as text, on a tree that keeps
+/// its leaves or not. Only with contiguous positions: the paper's chunk ids give the text no
+/// order to be read in.
+fn reread(settings: &SearchSettings, keeps_leaves: bool) -> bool {
+    let wanted = match settings.reread {
+        Reread::Always => true,
+        Reread::Never => false,
+        Reread::Auto => !keeps_leaves,
+    };
+    wanted && settings.positions == Positions::Contiguous
 }
 
 /// Whether `settings` put the cut mark around passages read in full. Only with contiguous
