@@ -82,15 +82,45 @@ impl Default for SearchSettings {
 }
 
 /// When passages are read again as text (`search.reread`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Reread {
     /// When the tree keeps no full-resolution KV (`store.full_kv`): stored leaves answer as
     /// well with the coarse bias, at a quarter of the time to first token.
     Auto,
+    #[value(alias = "true")]
     Always,
     /// Inject stored leaves; a tree without them encodes the chosen chunks again.
+    #[value(alias = "false")]
     Never,
+}
+
+impl<'de> Deserialize<'de> for Reread {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // `true` and `false` were this setting's values before `auto`: configs that still
+        // say so keep working.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Flag(bool),
+            Name(String),
+        }
+        Ok(match Written::deserialize(d)? {
+            Written::Flag(true) => Reread::Always,
+            Written::Flag(false) => Reread::Never,
+            Written::Name(name) => match name.as_str() {
+                "auto" => Reread::Auto,
+                "always" | "true" => Reread::Always,
+                "never" | "false" => Reread::Never,
+                _ => {
+                    return Err(serde::de::Error::unknown_variant(
+                        &name,
+                        &["auto", "always", "never"],
+                    ))
+                }
+            },
+        })
+    }
 }
 
 /// How a node's tokens are reduced to one KV entry per α tokens.
@@ -294,7 +324,7 @@ impl Config {
             let file_value: toml::Value =
                 toml::from_str(&text).map_err(|e| err(e.message().to_string()))?;
             merge(&mut value, file_value);
-            Config::deserialize(value.clone()).map_err(|e| err(e.message().to_string()))?;
+            Config::deserialize(value.clone()).map_err(|e| err(one_line(&e)))?;
         }
         let set = apply_env(&mut value, std::env::vars())?;
         Config::deserialize(value).map_err(|e| ConfigError::Env {
@@ -303,7 +333,7 @@ impl Config {
             } else {
                 set.join(", ")
             },
-            reason: e.message().to_string(),
+            reason: one_line(&e),
         })
     }
 
@@ -397,6 +427,16 @@ fn merge(base: &mut toml::Value, over: toml::Value) {
         }
         (slot, v) => *slot = v,
     }
+}
+
+/// A settings error on one line, with the key it is about (`message()` alone drops it).
+fn one_line(e: &toml::de::Error) -> String {
+    e.to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Apply `SLM_CHAT_SECTION_KEY=value` pairs to the known keys of `value`; returns the names
@@ -493,5 +533,24 @@ mod tests {
         assert!(apply_env(&mut v, bad.into_iter()).is_err());
         let unknown = [("SLM_CHAT_NOPE".to_string(), "1".to_string())];
         assert!(apply_env(&mut v, unknown.into_iter()).is_err());
+    }
+
+    #[test]
+    fn reread_reads_its_names_and_the_old_true_and_false() {
+        let read = |text: &str| toml::from_str::<SearchSettings>(text).map(|s| s.reread);
+        assert_eq!(read("reread = \"auto\"").ok(), Some(Reread::Auto));
+        assert_eq!(read("reread = \"always\"").ok(), Some(Reread::Always));
+        assert_eq!(read("reread = \"never\"").ok(), Some(Reread::Never));
+        assert_eq!(read("reread = true").ok(), Some(Reread::Always));
+        assert_eq!(read("reread = false").ok(), Some(Reread::Never));
+        assert_eq!(read("").ok(), Some(Reread::Auto));
+        assert!(read("reread = \"sometimes\"").is_err());
+        assert!(read("reread = 1").is_err());
+
+        let mut v = toml::Value::try_from(Config::default()).expect("toml");
+        let vars = [("SLM_CHAT_SEARCH_REREAD".to_string(), "false".to_string())];
+        apply_env(&mut v, vars.into_iter()).expect("applies");
+        let c = Config::deserialize(v).expect("valid");
+        assert_eq!(c.search.reread, Reread::Never);
     }
 }

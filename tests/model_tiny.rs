@@ -456,4 +456,19 @@ fn logit_bias_weighs_an_entry_like_copies_of_it() {
     let mut c = cache_of(&all);
     assert!(c.set_logit_bias(p0, context.len() + 1, -1.0).is_err());
     assert!(c.set_logit_bias(0, 1, f32::NAN).is_err());
+    assert!(c.set_logit_bias(0, 1, f32::INFINITY).is_err());
+
+    // Entries only the lower layer holds (M < N) are biased there and nowhere else.
+    let mut lower_only = m.new_cache();
+    m.prefill(&prefix, &mut lower_only).expect("prefix");
+    let f = Forward {
+        layers: 0..1,
+        ..Forward::all(&m, &pos)
+    };
+    m.forward(&x, &f, &mut lower_only).expect("lower");
+    lower_only
+        .set_logit_bias(p0, context.len(), -1.0)
+        .expect("bias");
+    assert_eq!(lower_only.logit_bias(0).len(), p0 + context.len());
+    assert!(lower_only.logit_bias(1).is_empty());
 }

@@ -456,3 +456,39 @@ fn shared_chunks_are_reused_and_the_tree_is_unchanged() {
         second["reused_chunks"]
     );
 }
+
+/// With `store.full_kv = auto` (the default) a document already stored under `never` or
+/// `always` opens from that tree instead of being read again; with `always` asked for
+/// explicitly, a levels-only tree does not stand in for the full one.
+#[test]
+fn auto_opens_a_tree_kept_with_or_without_full_kv() {
+    let book = small_book();
+    let json = |cache: &Path, full_kv: &str| -> serde_json::Value {
+        let out = slm(cache)
+            .env("SLM_CHAT_STORE_FULL_KV", full_kv)
+            .args(["ingest", "--json"])
+            .arg(&book.file)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    for kept in ["never", "always"] {
+        let cache = tempfile::tempdir().expect("tmp");
+        let first = json(cache.path(), kept);
+        assert_eq!(first["built"], true);
+        let auto = json(cache.path(), "auto");
+        assert_eq!(auto["built"], false, "{kept}: {auto}");
+        assert_eq!(auto["path"], first["path"], "{kept}");
+        assert_eq!(auto["full_kv"], first["full_kv"], "{kept}");
+    }
+    let cache = tempfile::tempdir().expect("tmp");
+    json(cache.path(), "never");
+    let full = json(cache.path(), "always");
+    assert_eq!(full["built"], true);
+    assert_eq!(full["full_kv"], true);
+}

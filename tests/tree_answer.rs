@@ -540,3 +540,64 @@ fn cut_marks_separate_passages_within_the_budget() {
         "no question read a passage apart from its neighbours"
     );
 }
+
+/// The default on a tree that keeps its leaves: stored passages with cut marks. The coarse
+/// bias sits on every coarse entry and on nothing else — not on the leaves, not on the
+/// marks, not on the prompt — in every layer.
+#[test]
+fn the_coarse_bias_is_on_coarse_entries_only() {
+    let built = build(20_000, 256, FullKv::Always);
+    let plan = built.tree.manifest().plan.clone();
+    let mut session = TreeSession::new(llm(), built.tree).expect("session");
+    let settings = SearchSettings {
+        budget: 200,
+        fine_budget: 128,
+        ..SearchSettings::default()
+    };
+    assert_eq!(settings.reread, Reread::Auto);
+    assert!(settings.cut_marks && settings.coarse_bias > 0.0);
+    let mark = llm()
+        .tokenizer
+        .encode("\n\n[…]\n\n", false)
+        .expect("mark")
+        .len();
+    let p0 = sink_prefix(llm()).expect("sink").len();
+    let (mut marks, mut fine, mut coarse) = (0, 0, 0);
+    for question in [
+        QUESTION,
+        "What did Mr. Woodhouse think of matrimony?",
+        "Whose stable is mentioned?",
+    ] {
+        let p = session.prepare(question, &settings, 32).expect("prepare");
+        assert_eq!(p.reread_tokens, 0, "auto injects stored leaves here");
+        let mut want = vec![0.0f32; p0];
+        for (s, &cut) in p.selected.iter().zip(&p.cuts) {
+            if cut {
+                want.extend(std::iter::repeat_n(0.0, mark));
+                marks += 1;
+            }
+            let (a, b) = plan.chunks[s.chunk].nodes[node_number(s.level, s.index)].tokens;
+            let bias = if s.alpha > 1 {
+                coarse += 1;
+                -settings.coarse_bias
+            } else {
+                fine += 1;
+                0.0
+            };
+            want.extend(std::iter::repeat_n(bias, entries(b - a, s.alpha)));
+        }
+        assert_eq!(want.len(), p0 + p.entries);
+        for layer in 0..p.cache.n_layer() {
+            let got = p.cache.logit_bias(layer);
+            assert!(got.len() <= want.len());
+            let got: Vec<f32> = (0..want.len())
+                .map(|i| got.get(i).copied().unwrap_or(0.0))
+                .collect();
+            assert_eq!(got, want, "layer {layer}, {question}");
+        }
+    }
+    assert!(
+        marks > 0 && fine > 0 && coarse > 0,
+        "{marks} {fine} {coarse}"
+    );
+}

@@ -119,7 +119,13 @@ fn open_or_rebuild(
             say(&note(Stage::Open, format!("{e}; building it again")));
             rebuilt.get_or_insert(e.to_string());
         }
-        Err(StoreError::Missing(_) | StoreError::Partial(_)) => {}
+        Err(StoreError::Missing(_)) => {
+            if let Some(tree) = kept_otherwise(llm, &hash, config) {
+                let report = report(file, &tree, start, false, 0, 0, None);
+                return Ok((tree, report));
+            }
+        }
+        Err(StoreError::Partial(_)) => {}
         Err(e) => return Err(e.into()),
     }
     say(&note(
@@ -155,6 +161,22 @@ fn open_or_rebuild(
         }
         Err(e) => Err(e),
     }
+}
+
+/// With `store.full_kv = auto`, a finished tree of the same document kept with or without
+/// full-resolution KV (`always` or `never`) serves as well as one `auto` would build: a
+/// book read before the default changed opens instead of being read again.
+fn kept_otherwise(llm: &Llm, hash: &str, config: &Config) -> Option<Tree> {
+    if config.store.full_kv != FullKv::Auto {
+        return None;
+    }
+    [FullKv::Always, FullKv::Never]
+        .into_iter()
+        .find_map(|kept| {
+            let mut other = config.clone();
+            other.store.full_kv = kept;
+            Tree::open(&dir_for(llm, hash, &other).ok()?).ok()
+        })
 }
 
 fn note(stage: Stage, message: String) -> Progress {

@@ -48,6 +48,8 @@ pub struct Prepared {
     /// The prompt after the document: the question and the start of the answer turn.
     pub suffix: Vec<u32>,
     pub selected: Vec<Selected>,
+    /// Whether the cut mark went in before each selected node.
+    pub cuts: Vec<bool>,
     pub entries: usize,
     /// Of `entries`, the tokens run through the model as text (reread passages and marks).
     pub reread_tokens: usize,
@@ -165,6 +167,7 @@ impl<'a> TreeSession<'a> {
             cache,
             suffix: parts.suffix,
             selected,
+            cuts,
             entries,
             reread_tokens,
             search_ms,

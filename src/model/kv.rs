@@ -119,7 +119,8 @@ impl KvCache {
     /// with M < N, may hold fewer): `ln 2` weighs an entry as two copies of it, `-inf` hides
     /// it. Injected KV the model was not trained on is weighed down this way.
     pub fn set_logit_bias(&mut self, from: usize, n: usize, bias: f32) -> Result<()> {
-        if from + n > self.len() || bias.is_nan() {
+        // +inf would make a softmax row inf - inf = NaN.
+        if from + n > self.len() || !(bias.is_finite() || bias == f32::NEG_INFINITY) {
             return Err(super::ModelError::Input(format!(
                 "logit bias {bias} for entries {from}..{} of a cache of {}",
                 from + n,
@@ -139,7 +140,7 @@ impl KvCache {
 
     /// The logit bias of layer `layer`'s first entries (shorter than the layer when the rest
     /// add none).
-    pub(crate) fn logit_bias(&self, layer: usize) -> &[f32] {
+    pub fn logit_bias(&self, layer: usize) -> &[f32] {
         &self.bias[layer]
     }
 
