@@ -174,7 +174,9 @@ pub enum FullKv {
     Auto,
     Always,
     /// Keep only the downsampled levels: questions read their passages again as text
-    /// (`search.reread = auto`), ~0.5 s more to the first token on this CPU.
+    /// (`search.reread` auto or always, contiguous positions, M = N), ~0.5 s more to the
+    /// first token on this CPU; otherwise the chosen chunks are encoded again, once per chunk
+    /// per session.
     Never,
 }
 

@@ -203,6 +203,22 @@ fn ingest(cache: &Path, file: &Path) -> (String, String) {
     (stdout, stderr)
 }
 
+/// `slm-chat ingest --json FILE` with `store.full_kv = full_kv`: its report.
+fn ingest_json(cache: &Path, file: &Path, full_kv: &str) -> serde_json::Value {
+    let out = slm(cache)
+        .env("SLM_CHAT_STORE_FULL_KV", full_kv)
+        .args(["ingest", "--json"])
+        .arg(file)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
 /// The one tree directory under `cache`.
 fn tree_dir(cache: &Path) -> PathBuf {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(cache.join("trees"))
@@ -407,21 +423,7 @@ fn shared_chunks_are_reused_and_the_tree_is_unchanged() {
         format!("{text}\nThe vault's passphrase is OPAL-RIVER-3141.\n"),
     )
     .expect("write");
-    let json_kept = |cache: &Path, file: &Path, full_kv: &str| -> serde_json::Value {
-        let out = slm(cache)
-            .env("SLM_CHAT_STORE_FULL_KV", full_kv)
-            .args(["ingest", "--json"])
-            .arg(file)
-            .output()
-            .expect("run");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("json")
-    };
-    let json = |cache: &Path, file: &Path| json_kept(cache, file, "always");
+    let json = |cache: &Path, file: &Path| ingest_json(cache, file, "always");
     let shared = tempfile::tempdir().expect("tmp");
     json(shared.path(), &book.file);
     let second = json(shared.path(), &longer);
@@ -436,9 +438,9 @@ fn shared_chunks_are_reused_and_the_tree_is_unchanged() {
     assert_same_tree(&a, &b);
 
     // A tree kept without full KV borrows from trees kept with it (same encoding) ...
-    let levels_only = json_kept(shared.path(), &longer, "never");
+    let levels_only = ingest_json(shared.path(), &longer, "never");
     assert_eq!(levels_only["reused_chunks"], second["chunks"]);
-    let clean_levels = json_kept(clean.path(), &longer, "never");
+    let clean_levels = ingest_json(clean.path(), &longer, "never");
     assert_same_tree(
         Path::new(levels_only["path"].as_str().expect("path")),
         Path::new(clean_levels["path"].as_str().expect("path")),
@@ -446,7 +448,7 @@ fn shared_chunks_are_reused_and_the_tree_is_unchanged() {
     // ... but a tree that keeps full KV cannot borrow it from one that has none, and a
     // levels-only tree beside a full one does not stand in the full one's way.
     let lean = tempfile::tempdir().expect("tmp");
-    json_kept(lean.path(), &book.file, "never");
+    ingest_json(lean.path(), &book.file, "never");
     assert_eq!(
         json(lean.path(), &book.file)["reused_chunks"].as_u64(),
         Some(0)
@@ -463,20 +465,7 @@ fn shared_chunks_are_reused_and_the_tree_is_unchanged() {
 #[test]
 fn auto_opens_a_tree_kept_with_or_without_full_kv() {
     let book = small_book();
-    let json = |cache: &Path, full_kv: &str| -> serde_json::Value {
-        let out = slm(cache)
-            .env("SLM_CHAT_STORE_FULL_KV", full_kv)
-            .args(["ingest", "--json"])
-            .arg(&book.file)
-            .output()
-            .expect("run");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("json")
-    };
+    let json = |cache: &Path, full_kv: &str| ingest_json(cache, &book.file, full_kv);
     for kept in ["never", "always"] {
         let cache = tempfile::tempdir().expect("tmp");
         let first = json(cache.path(), kept);
