@@ -144,16 +144,6 @@ impl KvCache {
         &self.bias[layer]
     }
 
-    /// Forget everything after the first `len` entries of every layer.
-    pub fn truncate(&mut self, len: usize) {
-        for b in &mut self.bias {
-            b.truncate(len);
-        }
-        for l in &mut self.lens {
-            *l = (*l).min(len);
-        }
-    }
-
     /// Append rotated keys and values `(n_kv_head, n, head_dim)` to layer `layer`.
     pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         let n = k.dim(1)?;
