@@ -83,6 +83,10 @@ enum Command {
         /// or 5,000 characters around a question's evidence), answered with `full`.
         #[arg(long)]
         oracle: bool,
+        /// Also answer each case from the tree's full-resolution passages alone, as text with
+        /// full attention (`--method tree` only): what injection loses against reading them.
+        #[arg(long)]
+        read_alone: bool,
         /// Only these case ids (comma-separated).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
@@ -308,6 +312,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             books,
             method,
             oracle,
+            read_alone,
             only,
             sizes,
             json,
@@ -315,6 +320,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
             search,
             max_tokens,
         } => {
+            if read_alone && (oracle || method != Method::Tree) {
+                anyhow::bail!("--read-alone reads the tree's passages: use it with --method tree and without --oracle");
+            }
             search.apply(&mut config.search);
             if let Some(n) = max_tokens {
                 config.generate.max_tokens = n;
@@ -336,6 +344,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 books,
                 method,
                 oracle,
+                read_alone,
                 work_dir: config.cache_dir().join("eval"),
             };
             let results = eval::run(&llm, &config, &plan, &mut |m| eprintln!("slm-chat: {m}"))?;
@@ -350,6 +359,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 "search": config.search,
                 "tree": config.tree,
                 "correct": results.iter().filter(|r| r.correct).count(),
+                "alone_correct": read_alone
+                    .then(|| results.iter().filter(|r| r.alone_correct == Some(true)).count()),
                 "cases": results,
             });
             if let Some(path) = &out {
@@ -359,6 +370,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", eval::table(&label, &results));
+                if read_alone {
+                    println!(
+                        "\nFrom the full-resolution passages alone, as text: {}/{}",
+                        results
+                            .iter()
+                            .filter(|r| r.alone_correct == Some(true))
+                            .count(),
+                        results.len()
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -297,6 +297,9 @@ pub struct CaseResult {
     /// Whether the whole needle (or a book question's evidence quote) was read word for word:
     /// in a full-resolution node (tree) or a passage (`rag`); `None` for other methods.
     pub evidence_read: Option<bool>,
+    /// With `read_alone`: whether the model answers from the tree's full-resolution passages
+    /// alone, given as text with full attention (`None` otherwise).
+    pub alone_correct: Option<bool>,
     pub error: Option<String>,
 }
 
@@ -411,6 +414,20 @@ mod tests {
             "“have you heard that\nNetherfield is let?”"
         );
         assert_eq!(find_loosely(text, "have you heardthat"), None);
+        assert_eq!(find_loosely(text, "ave you heard"), None);
+        assert_eq!(find_loosely(text, "Netherfield is le"), None);
+        assert_eq!(find_loosely("their heir", "heir"), Some(6..10));
+        let book = "One two. Three four. Five six.";
+        // Adjacent spans (whitespace between) read as one text, in document order.
+        assert_eq!(passages(book, &[(21, 30), (0, 8), (9, 20)]), book);
+        assert_eq!(
+            passages(book, &[(21, 30), (0, 8)]),
+            format!("One two.{}Five six.", crate::engine::CUT_MARK)
+        );
+        assert_eq!(
+            passages(book, &[(0, 3), (21, 25)]),
+            format!("One{}Five", crate::engine::CUT_MARK)
+        );
         assert!(correct(&case, "about 4,200\nfeet"));
         assert!(!correct(&case, "4,100 feet"));
     }
@@ -425,6 +442,9 @@ pub struct EvalPlan {
     pub method: crate::engine::Method,
     /// Give each case the oracle's small context (method `full`) instead of its own.
     pub oracle: bool,
+    /// Also answer each tree case from its full-resolution passages alone, as text: what
+    /// injection loses (or adds) against reading the same passages.
+    pub read_alone: bool,
     /// Where materialized documents are written (their trees are cached by content).
     pub work_dir: PathBuf,
 }
@@ -568,10 +588,39 @@ pub fn run(
                     _ => (None, Vec::new()),
                 };
                 let span = text.zip(needle).and_then(|(t, n)| find_loosely(t, n));
-                let read = span.map(|span| {
+                let evidence_read = span.map(|span| {
                     span.clone()
                         .all(|b| read.iter().any(|&(from, to)| from <= b && b < to))
                 });
+                let alone_correct = match text {
+                    Some(t) if plan.read_alone && method == Method::Tree && !read.is_empty() => {
+                        let path = plan.work_dir.join(format!("{}.alone.txt", case.id));
+                        crate::store::write_atomic(&path, passages(t, &read).as_bytes())?;
+                        let d = crate::document::load(
+                            &path,
+                            &crate::document::LoadOptions::new(std::env::current_exe()?),
+                        )?;
+                        let settings = AskSettings {
+                            method: Method::Full,
+                            chunk_tokens: config.rag.chunk_tokens,
+                            rag_tokens: config.rag.max_tokens,
+                        };
+                        // Passages over the model's window (a large fine budget) say nothing.
+                        engine::ask(
+                            llm,
+                            &d,
+                            &case.question,
+                            &settings,
+                            &params,
+                            &cancel,
+                            &mut |_| {},
+                        )
+                        .ok()
+                        .map(|alone| correct(case, &alone.answer))
+                    }
+                    _ if plan.read_alone && method == Method::Tree => Some(false),
+                    _ => None,
+                };
                 CaseResult {
                     id: case.id.clone(),
                     correct: correct(case, &a.answer),
@@ -584,7 +633,8 @@ pub fn run(
                     kv_bytes: a.memory.kv_bytes,
                     full_attention_kv_bytes: a.memory.full_attention_kv_bytes,
                     peak_rss_bytes: a.memory.peak_rss_bytes,
-                    evidence_read: read,
+                    evidence_read,
+                    alone_correct,
                     error: None,
                 }
             }
@@ -601,11 +651,12 @@ pub fn run(
                 full_attention_kv_bytes: None,
                 peak_rss_bytes: None,
                 evidence_read: None,
+                alone_correct: None,
                 error: Some(e.to_string()),
             },
         };
         say(&format!(
-            "{} {} · {:.0} ms to first token{} · {}",
+            "{} {} · {:.0} ms to first token{}{} · {}",
             mark(&r),
             r.id,
             r.first_token_ms,
@@ -614,11 +665,35 @@ pub fn run(
                 Some(false) => " · evidence not read in full",
                 None => "",
             },
+            match r.alone_correct {
+                Some(true) => " · its passages alone: ✔",
+                Some(false) => " · its passages alone: ✘",
+                None => "",
+            },
             r.error.clone().unwrap_or_else(|| one_line(&r.answer))
         ));
         results[i] = Some(r);
     }
     Ok(results.into_iter().flatten().collect())
+}
+
+/// The byte ranges `spans` of `text` (in document order) as one text: what lies between two
+/// adjacent spans is kept when it is only whitespace, else `rag`'s cut mark stands for it.
+fn passages(text: &str, spans: &[(usize, usize)]) -> String {
+    let mut spans = spans.to_vec();
+    spans.sort_unstable();
+    let mut out = String::new();
+    let mut end: Option<usize> = None;
+    for (from, to) in spans {
+        match end {
+            Some(e) if e <= from && text[e..from].trim().is_empty() => out.push_str(&text[e..from]),
+            Some(_) => out.push_str(crate::engine::CUT_MARK),
+            None => {}
+        }
+        out.push_str(&text[from..to]);
+        end = Some(to);
+    }
+    out
 }
 
 /// Where `needle` occurs in `text` when runs of whitespace count as one (the document is
@@ -639,7 +714,14 @@ fn find_loosely(text: &str, needle: &str) -> Option<std::ops::Range<usize>> {
                 false
             }
         });
-        if matched {
+        // Whole words only: "heir" is not found in "their".
+        let joins = |a: Option<char>, b: Option<char>| {
+            a.zip(b)
+                .is_some_and(|(a, b)| a.is_alphanumeric() && b.is_alphanumeric())
+        };
+        let clean_start = !joins(text[..at].chars().next_back(), first.chars().next());
+        let clean_end = !joins(text[..end].chars().next_back(), text[end..].chars().next());
+        if matched && clean_start && clean_end {
             return Some(at..end);
         }
         // One character on: a match may overlap the one that failed.

@@ -181,6 +181,19 @@ fn new_commands_refuse_bad_input_in_one_line() {
         &model,
     );
     assert_one_line_error(&out, "bad.jsonl:1:");
+    let out = run(
+        &[
+            "eval",
+            bad.to_str().expect("utf-8"),
+            "--books",
+            "/tmp",
+            "--method",
+            "rag",
+            "--read-alone",
+        ],
+        &model,
+    );
+    assert_one_line_error(&out, "--read-alone reads the tree's passages");
     let out = run(&["cache", "rm"], &model);
     assert_one_line_error(&out, "--all");
 }

@@ -66,6 +66,11 @@ fn eval_runs_a_dataset_and_reports_a_table_and_json() {
             .arg(shared().join("corpus/books"))
             .args(["--method", method, "--out"])
             .arg(dir.path().join(format!("{method}.json")))
+            .args(if method == "tree" {
+                &["--read-alone"][..]
+            } else {
+                &[]
+            })
             .output()
             .expect("run");
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -95,6 +100,26 @@ fn eval_runs_a_dataset_and_reports_a_table_and_json() {
         }
         if method == "tree" {
             assert!(results.iter().all(|r| r["evidence_read"].is_boolean()));
+            // The passages it read at full resolution, given alone: the file it answered from
+            // holds the needle exactly when the tree read the needle in full.
+            assert!(stdout.contains("From the full-resolution passages alone, as text: "));
+            assert!(json["alone_correct"].is_u64(), "{json}");
+            for (r, case) in results.iter().zip(&cases) {
+                assert!(r["alone_correct"].is_boolean(), "{r}");
+                let id = r["id"].as_str().expect("id");
+                let alone =
+                    std::fs::read_to_string(cache.path().join(format!("eval/{id}.alone.txt")))
+                        .expect("the passages read alone");
+                let needle: serde_json::Value = serde_json::from_str(case).expect("case");
+                let needle = needle["needle_sentence"].as_str().expect("needle");
+                assert_eq!(
+                    alone.contains(needle),
+                    r["evidence_read"] == true,
+                    "{id}: {alone}"
+                );
+            }
+        } else {
+            assert!(results.iter().all(|r| r["alone_correct"].is_null()));
         }
     }
 }
