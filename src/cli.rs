@@ -84,7 +84,8 @@ enum Command {
         #[arg(long)]
         oracle: bool,
         /// Also answer each case from the tree's full-resolution passages alone, as text with
-        /// full attention (`--method tree` only): what injection loses against reading them.
+        /// full attention (`--method tree`, not with `--oracle`): what injection loses
+        /// against reading them.
         #[arg(long)]
         read_alone: bool,
         /// Only these case ids (comma-separated).
@@ -353,14 +354,19 @@ pub fn run(args: Args) -> Result<ExitCode> {
             } else {
                 format!("{method:?}").to_lowercase()
             };
+            let alone = read_alone.then(|| {
+                results
+                    .iter()
+                    .filter(|r| r.alone_correct == Some(true))
+                    .count()
+            });
             let report = serde_json::json!({
                 "dataset": dataset,
                 "method": label,
                 "search": config.search,
                 "tree": config.tree,
                 "correct": results.iter().filter(|r| r.correct).count(),
-                "alone_correct": read_alone
-                    .then(|| results.iter().filter(|r| r.alone_correct == Some(true)).count()),
+                "alone_correct": alone,
                 "cases": results,
             });
             if let Some(path) = &out {
@@ -370,13 +376,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", eval::table(&label, &results));
-                if read_alone {
+                if let Some(n) = alone {
                     println!(
-                        "\nFrom the full-resolution passages alone, as text: {}/{}",
-                        results
-                            .iter()
-                            .filter(|r| r.alone_correct == Some(true))
-                            .count(),
+                        "\nFrom the full-resolution passages alone, as text: {n}/{}",
                         results.len()
                     );
                 }

@@ -417,6 +417,12 @@ mod tests {
         assert_eq!(find_loosely(text, "ave you heard"), None);
         assert_eq!(find_loosely(text, "Netherfield is le"), None);
         assert_eq!(find_loosely("their heir", "heir"), Some(6..10));
+        assert!(correct(&case, "about 4,200\nfeet"));
+        assert!(!correct(&case, "4,100 feet"));
+    }
+
+    #[test]
+    fn passages_read_alone_keep_adjacent_text_and_mark_jumps() {
         let book = "One two. Three four. Five six.";
         // Adjacent spans (whitespace between) read as one text, in document order.
         assert_eq!(passages(book, &[(21, 30), (0, 8), (9, 20)]), book);
@@ -428,8 +434,9 @@ mod tests {
             passages(book, &[(0, 3), (21, 25)]),
             format!("One{}Five", crate::engine::CUT_MARK)
         );
-        assert!(correct(&case, "about 4,200\nfeet"));
-        assert!(!correct(&case, "4,100 feet"));
+        // Two nodes sharing the bytes of one character: it is written once, with no mark.
+        let text = "a “quote” b";
+        assert_eq!(passages(text, &[(0, 5), (2, text.len())]), text);
     }
 }
 
@@ -593,32 +600,9 @@ pub fn run(
                         .all(|b| read.iter().any(|&(from, to)| from <= b && b < to))
                 });
                 let alone_correct = match text {
-                    Some(t) if plan.read_alone && method == Method::Tree && !read.is_empty() => {
-                        let path = plan.work_dir.join(format!("{}.alone.txt", case.id));
-                        crate::store::write_atomic(&path, passages(t, &read).as_bytes())?;
-                        let d = crate::document::load(
-                            &path,
-                            &crate::document::LoadOptions::new(std::env::current_exe()?),
-                        )?;
-                        let settings = AskSettings {
-                            method: Method::Full,
-                            chunk_tokens: config.rag.chunk_tokens,
-                            rag_tokens: config.rag.max_tokens,
-                        };
-                        // Passages over the model's window (a large fine budget) say nothing.
-                        engine::ask(
-                            llm,
-                            &d,
-                            &case.question,
-                            &settings,
-                            &params,
-                            &cancel,
-                            &mut |_| {},
-                        )
-                        .ok()
-                        .map(|alone| correct(case, &alone.answer))
+                    Some(t) if plan.read_alone && method == Method::Tree => {
+                        answer_alone(llm, config, plan, case, t, &read)?
                     }
-                    _ if plan.read_alone && method == Method::Tree => Some(false),
                     _ => None,
                 };
                 CaseResult {
@@ -677,6 +661,58 @@ pub fn run(
     Ok(results.into_iter().flatten().collect())
 }
 
+/// Answer `case` from the byte ranges `spans` of the tree's `text` alone, as a document of
+/// their own with full attention; whether that answer is correct (`None` when the passages
+/// do not fit the model's window). Their text is kept as `<work_dir>/<case>.alone.txt`.
+fn answer_alone(
+    llm: &crate::model::Llm,
+    config: &crate::config::Config,
+    plan: &EvalPlan,
+    case: &Case,
+    text: &str,
+    spans: &[(usize, usize)],
+) -> anyhow::Result<Option<bool>> {
+    use crate::engine::{self, AskSettings, EngineError, Method};
+    use anyhow::Context;
+    let path = plan.work_dir.join(format!("{}.alone.txt", case.id));
+    if spans.is_empty() {
+        // Nothing was read at full resolution: nothing to answer from, and no file from an
+        // earlier run may stand for this one.
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| path.display().to_string())
+            }
+            _ => return Ok(Some(false)),
+        }
+    }
+    std::fs::create_dir_all(&plan.work_dir).with_context(|| plan.work_dir.display().to_string())?;
+    crate::store::write_atomic(&path, passages(text, spans).as_bytes())?;
+    let doc = crate::document::load(
+        &path,
+        &crate::document::LoadOptions::new(std::env::current_exe()?),
+    )?;
+    let settings = AskSettings {
+        method: Method::Full,
+        chunk_tokens: config.rag.chunk_tokens,
+        rag_tokens: config.rag.max_tokens,
+    };
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let params = config.generate.sampling();
+    match engine::ask(
+        llm,
+        &doc,
+        &case.question,
+        &settings,
+        &params,
+        &cancel,
+        &mut |_| {},
+    ) {
+        Ok(alone) => Ok(Some(correct(case, &alone.answer))),
+        Err(EngineError::TooLong { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The byte ranges `spans` of `text` (in document order) as one text: what lies between two
 /// adjacent spans is kept when it is only whitespace, else `rag`'s cut mark stands for it.
 fn passages(text: &str, spans: &[(usize, usize)]) -> String {
@@ -685,13 +721,22 @@ fn passages(text: &str, spans: &[(usize, usize)]) -> String {
     let mut out = String::new();
     let mut end: Option<usize> = None;
     for (from, to) in spans {
-        match end {
-            Some(e) if e <= from && text[e..from].trim().is_empty() => out.push_str(&text[e..from]),
-            Some(_) => out.push_str(crate::engine::CUT_MARK),
-            None => {}
-        }
+        // Token offsets cover whole characters, so two adjacent nodes can share the bytes of
+        // one character: the second then starts where the first ended.
+        let from = match end {
+            Some(e) if from < e => e.min(to),
+            Some(e) if text[e..from].trim().is_empty() => {
+                out.push_str(&text[e..from]);
+                from
+            }
+            Some(_) => {
+                out.push_str(crate::engine::CUT_MARK);
+                from
+            }
+            None => from,
+        };
         out.push_str(&text[from..to]);
-        end = Some(to);
+        end = Some(end.map_or(to, |e| e.max(to)));
     }
     out
 }
@@ -701,6 +746,11 @@ fn passages(text: &str, spans: &[(usize, usize)]) -> String {
 fn find_loosely(text: &str, needle: &str) -> Option<std::ops::Range<usize>> {
     let words: Vec<&str> = needle.split_whitespace().collect();
     let first = *words.first()?;
+    // Whole words only: "heir" is not found in "their".
+    let joins = |a: Option<char>, b: Option<char>| {
+        a.zip(b)
+            .is_some_and(|(a, b)| a.is_alphanumeric() && b.is_alphanumeric())
+    };
     let mut from = 0;
     while let Some(at) = text[from..].find(first).map(|i| from + i) {
         let mut end = at + first.len();
@@ -714,11 +764,6 @@ fn find_loosely(text: &str, needle: &str) -> Option<std::ops::Range<usize>> {
                 false
             }
         });
-        // Whole words only: "heir" is not found in "their".
-        let joins = |a: Option<char>, b: Option<char>| {
-            a.zip(b)
-                .is_some_and(|(a, b)| a.is_alphanumeric() && b.is_alphanumeric())
-        };
         let clean_start = !joins(text[..at].chars().next_back(), first.chars().next());
         let clean_end = !joins(text[..end].chars().next_back(), text[end..].chars().next());
         if matched && clean_start && clean_end {
