@@ -1,7 +1,6 @@
 //! The conversation about one book, kept between runs: one JSON file per document key in
 //! the data dir, written atomically, and its Markdown export beside it.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -124,14 +123,10 @@ pub fn page_range((a, b): (u32, u32)) -> String {
     }
 }
 
+/// The store's crash-safe write, into a folder made first (history lives outside the store).
 fn write_atomic(target: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = target.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(target).map_err(|e| e.error)?;
-    Ok(())
+    std::fs::create_dir_all(target.parent().unwrap_or(Path::new(".")))?;
+    crate::store::write_atomic(target, bytes).map_err(std::io::Error::other)
 }
 
 #[cfg(test)]
