@@ -11,9 +11,9 @@ use clap::{Parser, Subcommand};
 use crate::config::{user_config_path, Config, Positions, Reread, SearchSettings};
 use crate::document::{self, LoadOptions, PdfWorkerArgs};
 use crate::engine::session::Progress;
-use crate::engine::{self, AskSettings, EngineError, Method, TreeSession};
+use crate::engine::{self, AskSettings, EngineError, Method};
 use crate::model::{self, DeviceChoice, Llm};
-use crate::tree::search::{Policy, Scorer};
+use crate::tree::search::{Fusion, Policy, Scorer};
 use crate::{bench, eval, store, sys};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -88,6 +88,10 @@ enum Command {
         /// against reading them.
         #[arg(long)]
         read_alone: bool,
+        /// Only search (`--method tree`): what each case would read and where its evidence
+        /// ranks among the candidates, without answering.
+        #[arg(long)]
+        retrieval: bool,
         /// Only these case ids (comma-separated).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
@@ -147,7 +151,8 @@ enum Command {
 /// Overrides of `[search]` for one run.
 #[derive(clap::Args, Debug, Default)]
 struct SearchFlags {
-    /// How nodes are scored: paper, hidden, bm25, hybrid or bm25chunk.
+    /// How nodes are scored: bm25, dense, hybrid (bm25 and dense fused), bm25chunk, paper
+    /// or hidden.
     #[arg(long, value_enum)]
     scorer: Option<Scorer>,
     /// budget (best-first under two budgets) or paper (Algorithm 1 per chunk).
@@ -159,6 +164,15 @@ struct SearchFlags {
     /// Most entries at full resolution.
     #[arg(long)]
     fine_budget: Option<usize>,
+    /// How hybrid fuses BM25 and dense scores: zscore or rrf.
+    #[arg(long, value_enum)]
+    fusion: Option<Fusion>,
+    /// Share of its better neighbour's score each leaf gains (0 = off).
+    #[arg(long)]
+    neighbours: Option<f32>,
+    /// Leaves read around each chosen one with the ranked policy (1, 2 or 3).
+    #[arg(long)]
+    window: Option<usize>,
     /// Coarsest tree level read whole at full resolution (0 = chunks, 3 = leaves).
     #[arg(long)]
     fine_level: Option<usize>,
@@ -184,6 +198,15 @@ impl SearchFlags {
         }
         if let Some(x) = self.policy {
             s.policy = x;
+        }
+        if let Some(x) = self.fusion {
+            s.fusion = x;
+        }
+        if let Some(x) = self.neighbours {
+            s.neighbours = x;
+        }
+        if let Some(x) = self.window {
+            s.window = x;
         }
         if let Some(x) = self.budget {
             s.budget = x;
@@ -314,6 +337,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             method,
             oracle,
             read_alone,
+            retrieval,
             only,
             sizes,
             json,
@@ -323,6 +347,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         } => {
             if read_alone && (oracle || method != Method::Tree) {
                 anyhow::bail!("--read-alone reads the tree's passages: use it with --method tree and without --oracle");
+            }
+            if retrieval && (oracle || method != Method::Tree || read_alone) {
+                anyhow::bail!("--retrieval measures the tree's search: use it with --method tree, without --oracle or --read-alone");
             }
             search.apply(&mut config.search);
             if let Some(n) = max_tokens {
@@ -340,6 +367,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 anyhow::bail!("{}: no case left to run", dataset.display());
             }
             let llm = load_model(&config)?;
+            let embedder = if oracle {
+                None
+            } else {
+                engine::dense::load_embedder(&config, &mut |m| eprintln!("slm-chat: {m}"))
+            };
             let plan = eval::EvalPlan {
                 cases,
                 books,
@@ -347,6 +379,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 oracle,
                 read_alone,
                 work_dir: config.cache_dir().join("eval"),
+                retrieval_only: retrieval,
+                embedder,
             };
             let results = eval::run(&llm, &config, &plan, &mut |m| eprintln!("slm-chat: {m}"))?;
             let label = if oracle {
@@ -366,6 +400,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 "search": config.search,
                 "tree": config.tree,
                 "correct": results.iter().filter(|r| r.correct).count(),
+                "summary": eval::summarize(&results),
                 "alone_correct": alone,
                 "cases": results,
             });
@@ -375,7 +410,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", eval::table(&label, &results));
+                if !retrieval {
+                    print!("{}", eval::table(&label, &results));
+                    println!();
+                }
+                print!(
+                    "{}",
+                    eval::summary_table(&label, &eval::summarize(&results))
+                );
                 if let Some(n) = alone {
                     println!(
                         "\nFrom the full-resolution passages alone, as text: {n}/{}",
@@ -512,11 +554,8 @@ fn ask(
             let _ = out.flush();
         }
     };
-    let settings = AskSettings {
-        method,
-        chunk_tokens: config.rag.chunk_tokens,
-        rag_tokens: config.rag.max_tokens,
-    };
+    let embedder = engine::dense::load_embedder(config, &mut |m| eprintln!("slm-chat: {m}"));
+    let settings = AskSettings::new(method, config, embedder);
     let answer = engine::ask(
         &llm,
         &doc,
@@ -557,13 +596,26 @@ fn ingest(config: &Config, files: &[PathBuf], json: bool) -> Result<ExitCode> {
         load_document(file, false)?;
     }
     let llm = load_model(config)?;
+    let embedder = engine::dense::load_embedder(config, &mut |m| eprintln!("slm-chat: {m}"));
     let cancel = AtomicBool::new(false);
     for file in files {
         let bar = progress_bar(file);
         let mut say = |p: &Progress| show_progress(&bar, p);
-        let result = engine::ingest::open_or_build(&llm, file, config, true, &mut say, &cancel);
+        let result = engine::ingest::open_or_build(&llm, file, config, true, &mut say, &cancel)
+            .and_then(|(tree, mut r)| {
+                // The dense pass belongs to reading the book: embed its passages now.
+                if let Some(e) = &embedder {
+                    let start = std::time::Instant::now();
+                    engine::dense::dense_index(&tree, e, &mut say)?;
+                    let secs = start.elapsed().as_secs_f64();
+                    r.dense_secs = Some(secs);
+                    r.seconds += secs;
+                    r.store_bytes = tree.disk_bytes();
+                }
+                Ok(r)
+            });
         bar.finish_and_clear();
-        let (_, r) = result.map_err(|e| engine_error(file, e))?;
+        let r = result.map_err(|e| engine_error(file, e))?;
         if json {
             println!("{}", serde_json::to_string(&r)?);
             continue;
@@ -577,8 +629,12 @@ fn ingest(config: &Config, files: &[PathBuf], json: bool) -> Result<ExitCode> {
             } else {
                 String::new()
             };
+            let dense = match r.dense_secs {
+                Some(d) => format!(", {d:.1} s of it embedding passages"),
+                None => String::new(),
+            };
             format!(
-                "built in {:.1} s at {:.0} tok/s{resumed}",
+                "built in {:.1} s at {:.0} tok/s{resumed}{dense}",
                 r.seconds, r.tok_s
             )
         } else {
@@ -726,10 +782,16 @@ fn ask_tree(config: &Config, file: &Path, question: &str, json: bool) -> Result<
         load_document(file, false)?;
     }
     let llm = load_model(config)?;
+    let embedder = engine::dense::load_embedder(config, &mut |m| eprintln!("slm-chat: {m}"));
     let opening = std::time::Instant::now();
     let tree = open_tree(&llm, config, file)?;
     let open_ms = opening.elapsed().as_secs_f64() * 1e3;
-    let mut session = TreeSession::new(&llm, tree)?;
+    let bar = progress_bar(file);
+    let session = engine::dense::session(&llm, tree, embedder.as_ref(), &mut |p| {
+        show_progress(&bar, p)
+    });
+    bar.finish_and_clear();
+    let mut session = session?;
     let params = config.generate.sampling();
     let cancel = AtomicBool::new(false);
     let mut out = std::io::stdout().lock();
@@ -750,7 +812,7 @@ fn ask_tree(config: &Config, file: &Path, question: &str, json: bool) -> Result<
             let result = engine::ingest::rebuild(&llm, file, config, s, &mut say, &cancel);
             bar.finish_and_clear();
             let (tree, _) = result.map_err(|e| engine_error(file, e))?;
-            session = TreeSession::new(&llm, tree)?;
+            session = engine::dense::session(&llm, tree, embedder.as_ref(), &mut |_| {})?;
             answer = session.ask(question, &config.search, &params, &cancel, &mut stream);
         }
     }
@@ -808,14 +870,27 @@ fn models(config: &Config, fetch: bool) -> Result<ExitCode> {
     let dir = config.models_dir();
     if fetch {
         model::ensure_default_model(&dir, &mut |m| eprintln!("slm-chat: {m}"))?;
+        model::ensure_embedder(&dir, &mut |m| eprintln!("slm-chat: {m}"))?;
     }
     let default = model::default_model_path(&dir);
-    let state = if model::default_model_present(&dir) {
-        "ready"
-    } else {
-        "not downloaded yet (fetched on first use, or run `slm-chat models --fetch`)"
+    let state = |ready: bool| {
+        if ready {
+            "ready"
+        } else {
+            "not downloaded yet (fetched on first use, or run `slm-chat models --fetch`)"
+        }
     };
-    println!("default  {}  {state}", default.display());
+    println!(
+        "default  {}  {}",
+        default.display(),
+        state(model::default_model_present(&dir))
+    );
+    let embedder = dir.join(model::EMBEDDER_DIR);
+    println!(
+        "embedder {}  {} (dense search)",
+        embedder.display(),
+        state(model::embedder_present(&dir))
+    );
     if !config.model.path.is_empty() {
         let p = Path::new(&config.model.path);
         let state = if p.exists() { "found" } else { "missing" };
@@ -824,7 +899,7 @@ fn models(config: &Config, fetch: bool) -> Result<ExitCode> {
     if let Ok(entries) = std::fs::read_dir(&dir) {
         let mut others: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p != &default)
+            .filter(|p| p != &default && p != &embedder)
             .filter(|p| {
                 p.extension().is_some_and(|x| x == "gguf") || p.join("config.json").is_file()
             })

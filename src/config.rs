@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::model::DeviceChoice;
-use crate::tree::search::{Policy, Scorer};
+use crate::tree::search::{Fusion, Policy, Scorer};
 
 const ENV_PREFIX: &str = "SLM_CHAT_";
 
@@ -41,6 +41,13 @@ pub enum Positions {
 #[serde(default, deny_unknown_fields)]
 pub struct SearchSettings {
     pub scorer: Scorer,
+    /// How `hybrid` fuses BM25 and dense scores.
+    pub fusion: Fusion,
+    /// Each leaf's score gains this share of its better neighbour's (0 = off).
+    pub neighbours: f32,
+    /// `ranked`: leaves read around each chosen one: 1 = alone, 2 = with its better
+    /// neighbour, 3 = with both.
+    pub window: usize,
     pub policy: Policy,
     /// Most injected entries; 0 = the model's window minus the prompt and the answer.
     pub budget: usize,
@@ -69,6 +76,9 @@ impl Default for SearchSettings {
     fn default() -> Self {
         Self {
             scorer: Scorer::Bm25,
+            fusion: Fusion::Zscore,
+            neighbours: 0.0,
+            window: 1,
             policy: Policy::Budget,
             budget: 1024,
             fine_budget: 256,
@@ -353,6 +363,13 @@ impl Config {
         }
         if !(g.top_p > 0.0 && g.top_p <= 1.0) {
             return bad("generate.top_p", "must be in (0, 1]");
+        }
+        let n = self.search.neighbours;
+        if !(n.is_finite() && n >= 0.0) {
+            return bad("search.neighbours", "must be a number ≥ 0");
+        }
+        if !(1..=3).contains(&self.search.window) {
+            return bad("search.window", "must be 1, 2 or 3");
         }
         let c = self.search.coarse_bias;
         if !(c.is_finite() && c >= 0.0) {

@@ -32,6 +32,9 @@ pub struct Case {
     pub char_offset: Option<usize>,
     #[serde(default)]
     pub evidence_quote: Option<String>,
+    /// Book questions: `direct` (the question reuses the evidence's words) or `paraphrase`.
+    #[serde(default)]
+    pub kind: Option<String>,
 }
 
 impl Case {
@@ -297,6 +300,12 @@ pub struct CaseResult {
     /// Whether the whole needle (or a book question's evidence quote) was read word for word:
     /// in a full-resolution node (tree) or a passage (`rag`); `None` for other methods.
     pub evidence_read: Option<bool>,
+    /// Book questions and needles: the smallest K such that the K best-ranked candidates
+    /// (leaves for `tree`, passages for `rag`) hold the whole evidence, before any budget
+    /// cuts them; `None` when the first [`crate::engine::CANDIDATES`] do not.
+    pub evidence_rank: Option<usize>,
+    /// The case's `kind` (book questions).
+    pub kind: Option<String>,
     /// With `read_alone`: whether the model answers from the tree's full-resolution passages
     /// alone, given as text with full attention (`None` otherwise).
     pub alone_correct: Option<bool>,
@@ -357,6 +366,76 @@ pub fn table(method: &str, results: &[CaseResult]) -> String {
     out
 }
 
+/// Accuracy and retrieval over one group of cases (`kind`, or all of them).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub kind: String,
+    pub cases: usize,
+    pub correct: usize,
+    /// Cases whose evidence was read at full resolution (of those where it was looked up).
+    pub evidence_read: usize,
+    /// Cases whose evidence the best K candidates hold, for K = 4, 8, 16.
+    pub recall_at: BTreeMap<usize, usize>,
+}
+
+/// The ranks at which recall is reported.
+pub const RECALL_AT: [usize; 3] = [4, 8, 16];
+
+/// One summary over all cases, then one per `kind` (book questions have one; others none).
+pub fn summarize(results: &[CaseResult]) -> Vec<Summary> {
+    let mut kinds: Vec<Option<&str>> = vec![None];
+    let mut named: Vec<&str> = results.iter().filter_map(|r| r.kind.as_deref()).collect();
+    named.sort_unstable();
+    named.dedup();
+    kinds.extend(named.into_iter().map(Some));
+    kinds
+        .into_iter()
+        .map(|k| {
+            let rs: Vec<&CaseResult> = results
+                .iter()
+                .filter(|r| k.is_none() || r.kind.as_deref() == k)
+                .collect();
+            Summary {
+                kind: k.unwrap_or("all").to_string(),
+                cases: rs.len(),
+                correct: rs.iter().filter(|r| r.correct).count(),
+                evidence_read: rs.iter().filter(|r| r.evidence_read == Some(true)).count(),
+                recall_at: RECALL_AT
+                    .iter()
+                    .map(|&k| {
+                        let n = rs
+                            .iter()
+                            .filter(|r| r.evidence_rank.is_some_and(|at| at <= k))
+                            .count();
+                        (k, n)
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// The summaries as a Markdown table: accuracy, evidence read, recall at K.
+pub fn summary_table(method: &str, summaries: &[Summary]) -> String {
+    let mut out = format!(
+        "| {method} | cases | correct | evidence read | recall@4 | recall@8 | recall@16 |\n|---|---|---|---|---|---|---|\n"
+    );
+    for s in summaries {
+        let pct = |n: usize| format!("{n} ({:.0} %)", 100.0 * n as f64 / s.cases.max(1) as f64);
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            s.kind,
+            s.cases,
+            pct(s.correct),
+            pct(s.evidence_read),
+            pct(s.recall_at[&4]),
+            pct(s.recall_at[&8]),
+            pct(s.recall_at[&16]),
+        ));
+    }
+    out
+}
+
 fn mark(r: &CaseResult) -> &'static str {
     match (r.correct, &r.error) {
         (_, Some(_)) => "err",
@@ -405,6 +484,7 @@ mod tests {
             needle_sentence: None,
             char_offset: None,
             evidence_quote: None,
+            kind: None,
         };
         assert!(correct(&case, "It rose to 4200  FEET."));
         let text = "said his lady,\n“have you heard that\nNetherfield is let?”";
@@ -454,6 +534,10 @@ pub struct EvalPlan {
     pub read_alone: bool,
     /// Where materialized documents are written (their trees are cached by content).
     pub work_dir: PathBuf,
+    /// Only search (`tree`): what each case would read and its candidates' ranks, no answer.
+    pub retrieval_only: bool,
+    /// The sentence embedder for `dense` and `hybrid` scorers.
+    pub embedder: Option<std::sync::Arc<crate::model::Embedder>>,
 }
 
 /// One case's document.
@@ -509,10 +593,10 @@ pub fn run(
     order.sort_by(|&a, &b| docs[a].path.cmp(&docs[b].path));
     let mut results: Vec<Option<CaseResult>> = vec![None; plan.cases.len()];
     let mut session: Option<(PathBuf, TreeSession)> = None;
+    // The document the other methods read (kept for the cases on it), to look evidence up in.
+    let mut loaded: Option<(PathBuf, crate::document::Document)> = None;
     for i in order {
         let (case, doc) = (&plan.cases[i], &docs[i]);
-        // The document `rag` read, kept to look its evidence up in.
-        let mut loaded: Option<crate::document::Document> = None;
         let answer = if method == Method::Tree {
             if session.as_ref().is_none_or(|(p, _)| p != &doc.path) {
                 // Let go of the previous tree before opening the next.
@@ -530,15 +614,19 @@ pub fn run(
                     &mut progress,
                     &cancel,
                 )?;
+                let s = engine::dense::session(llm, tree, plan.embedder.as_ref(), &mut progress)?;
                 if report.built {
                     say(&format!(
                         "{}: built the tree of {} tokens in {:.0} s ({:.0} tok/s)",
                         case.id, report.tokens, report.seconds, report.tok_s
                     ));
                 }
-                session = Some((doc.path.clone(), TreeSession::new(llm, tree)?));
+                session = Some((doc.path.clone(), s));
             }
             match session.as_mut() {
+                Some((_, s)) if plan.retrieval_only => {
+                    s.search_only(&case.question, &config.search, params.max_tokens)
+                }
                 Some((_, s)) => s.ask(
                     &case.question,
                     &config.search,
@@ -549,15 +637,18 @@ pub fn run(
                 None => unreachable_session(),
             }
         } else {
-            let d = loaded.insert(crate::document::load(
-                &doc.path,
-                &crate::document::LoadOptions::new(std::env::current_exe()?),
-            )?);
-            let settings = AskSettings {
-                method,
-                chunk_tokens: config.rag.chunk_tokens,
-                rag_tokens: config.rag.max_tokens,
+            if loaded.as_ref().is_none_or(|(p, _)| p != &doc.path) {
+                let d = crate::document::load(
+                    &doc.path,
+                    &crate::document::LoadOptions::new(std::env::current_exe()?),
+                )?;
+                loaded = Some((doc.path.clone(), d));
+            }
+            let d = match &loaded {
+                Some((_, d)) => d,
+                None => continue,
             };
+            let settings = AskSettings::new(method, config, plan.embedder.clone());
             engine::ask(
                 llm,
                 d,
@@ -589,15 +680,29 @@ pub fn run(
                             .collect(),
                     ),
                     (_, Method::Rag) => (
-                        loaded.as_ref().map(|d| d.text.as_str()),
+                        loaded.as_ref().map(|(_, d)| d.text.as_str()),
                         a.sources.iter().map(|s| s.chars).collect(),
                     ),
                     _ => (None, Vec::new()),
                 };
+                // The ranked candidates: the tree's leaves, or `rag`'s passages (best first).
+                let candidates: Vec<(usize, usize)> = match method {
+                    Method::Tree => a.candidates.clone(),
+                    _ => a.sources.iter().map(|s| s.chars).collect(),
+                };
                 let span = text.zip(needle).and_then(|(t, n)| find_loosely(t, n));
-                let evidence_read = span.map(|span| {
-                    span.clone()
-                        .all(|b| read.iter().any(|&(from, to)| from <= b && b < to))
+                // Every byte of the evidence but whitespace: two adjacent nodes may leave
+                // the space between their tokens to neither.
+                let covered = |spans: &[(usize, usize)], span: &std::ops::Range<usize>| {
+                    let t = text.unwrap_or_default().as_bytes();
+                    span.clone().all(|b| {
+                        t.get(b).is_some_and(u8::is_ascii_whitespace)
+                            || spans.iter().any(|&(from, to)| from <= b && b < to)
+                    })
+                };
+                let evidence_read = span.as_ref().map(|span| covered(&read, span));
+                let evidence_rank = span.as_ref().and_then(|span| {
+                    (1..=candidates.len()).find(|&k| covered(&candidates[..k], span))
                 });
                 let alone_correct = match text {
                     Some(t) if plan.read_alone && method == Method::Tree => {
@@ -618,6 +723,8 @@ pub fn run(
                     full_attention_kv_bytes: a.memory.full_attention_kv_bytes,
                     peak_rss_bytes: a.memory.peak_rss_bytes,
                     evidence_read,
+                    evidence_rank,
+                    kind: case.kind.clone(),
                     alone_correct,
                     error: None,
                 }
@@ -635,6 +742,8 @@ pub fn run(
                 full_attention_kv_bytes: None,
                 peak_rss_bytes: None,
                 evidence_read: None,
+                evidence_rank: None,
+                kind: case.kind.clone(),
                 alone_correct: None,
                 error: Some(e.to_string()),
             },
@@ -644,10 +753,11 @@ pub fn run(
             mark(&r),
             r.id,
             r.first_token_ms,
-            match r.evidence_read {
-                Some(true) => " · evidence read in full",
-                Some(false) => " · evidence not read in full",
-                None => "",
+            match (r.evidence_read, r.evidence_rank) {
+                (Some(true), _) => " · evidence read in full".to_string(),
+                (Some(false), Some(k)) => format!(" · evidence not read in full (candidate {k})"),
+                (Some(false), None) => " · evidence not read in full".to_string(),
+                (None, _) => String::new(),
             },
             match r.alone_correct {
                 Some(true) => " · its passages alone: ✔",
@@ -691,11 +801,7 @@ fn answer_alone(
         &path,
         &crate::document::LoadOptions::new(std::env::current_exe()?),
     )?;
-    let settings = AskSettings {
-        method: Method::Full,
-        chunk_tokens: config.rag.chunk_tokens,
-        rag_tokens: config.rag.max_tokens,
-    };
+    let settings = AskSettings::new(Method::Full, config, None);
     let cancel = std::sync::atomic::AtomicBool::new(false);
     let params = config.generate.sampling();
     match engine::ask(

@@ -127,3 +127,57 @@ fn eval_runs_a_dataset_and_reports_a_table_and_json() {
         }
     }
 }
+
+/// `--retrieval` searches without answering: per case whether the needle was read and where
+/// it ranked among the candidates, and the summary table with recall at 4, 8 and 16.
+#[test]
+fn eval_retrieval_reports_evidence_and_recall_without_answering() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let set = dir.path().join("tiny.jsonl");
+    std::fs::write(
+        &set,
+        r#"{"id": "r-2k-d50", "book": "emma", "context_tokens_approx": 2048, "depth": 0.5, "needle_sentence": "The secret passphrase for the vault is OPAL-RIVER-3141.", "question": "What is the secret passphrase for the vault?", "answer": "OPAL-RIVER-3141"}"#,
+    )
+    .expect("write");
+    let cache = tempfile::tempdir().expect("tmp");
+    let run = |extra: &[&str]| {
+        Command::new(exe())
+            .env("SLM_CHAT_PATHS_CACHE_DIR", cache.path())
+            .arg("--model")
+            .arg(default_model())
+            .arg("eval")
+            .arg(&set)
+            .arg("--books")
+            .arg(shared().join("corpus/books"))
+            .args(extra)
+            .output()
+            .expect("run")
+    };
+    let out = run(&[
+        "--retrieval",
+        "--policy",
+        "ranked",
+        "--window",
+        "3",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let case = &json["cases"][0];
+    // The passphrase shares the question's rarest words: BM25 ranks its leaf first, and the
+    // ranked policy reads it.
+    assert_eq!(case["evidence_rank"], 1, "{case}");
+    assert_eq!(case["evidence_read"], true, "{case}");
+    assert_eq!(case["answer"], "", "no answer is generated");
+    let all = &json["summary"][0];
+    assert_eq!(all["kind"], "all");
+    assert_eq!(all["evidence_read"], 1);
+    assert_eq!(all["recall_at"]["4"], 1);
+    // Refused in one line where there is no tree search to measure.
+    let out = run(&["--retrieval", "--method", "rag"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--retrieval"), "{stderr}");
+}

@@ -17,6 +17,8 @@ mod document;
 mod tree;
 // METHOD.md checks A, B, E through store, search and injection.
 mod tree_answer;
+// Dense search: the real embedder, dense vectors stored with a real tree, BM25 fallback.
+mod dense;
 // `slm-chat eval`: needle placement as materialize.py, a dataset through the binary.
 mod eval;
 // The real binary: ask, bench, and bad model input.

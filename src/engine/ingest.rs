@@ -13,7 +13,7 @@ use crate::config::{Config, FullKv};
 use crate::document::{self, Document, LoadOptions};
 use crate::model::Llm;
 use crate::store::{self, Build, ChunkEntry, Contents, NodeEntry, Plan, StoreError, Sum, Tree};
-use crate::tree::{chunk, layout, Bm25, Encoder, TreeConfig};
+use crate::tree::{chunk, layout, level_indexes, Encoder, TreeConfig};
 
 /// What one ingest did.
 #[derive(Debug, Clone, Serialize)]
@@ -37,6 +37,9 @@ pub struct IngestReport {
     /// writing batches (serializing, checksums, fsync).
     pub encode_secs: f64,
     pub write_secs: f64,
+    /// Embedding the passages for dense search (when the scorer uses it and they were not
+    /// stored yet; `None` when not run).
+    pub dense_secs: Option<f64>,
     pub store_bytes: u64,
     pub full_kv: bool,
     /// Why the stored tree was rebuilt, when it was.
@@ -266,16 +269,11 @@ fn build(
                 .collect(),
         })
         .collect();
-    let bm25: Vec<Bm25> = (0..=t.height)
-        .map(|w| {
-            let first = layout::node_number(w, 0);
-            Bm25::new(entries.iter().flat_map(|c| {
-                c.nodes[first..first + (1 << w)]
-                    .iter()
-                    .map(|n| &doc.text[n.chars.0..n.chars.1])
-            }))
-        })
+    let spans: Vec<Vec<(usize, usize)>> = entries
+        .iter()
+        .map(|c| c.nodes.iter().map(|n| n.chars).collect())
         .collect();
+    let bm25 = level_indexes(&doc.text, &spans, t.height);
     let contents = Contents {
         text: &doc.text,
         token_ids: store::token_file(&enc.ids)?,
@@ -416,6 +414,7 @@ fn report(
         tok_s: 0.0,
         encode_secs: 0.0,
         write_secs: 0.0,
+        dense_secs: None,
         store_bytes: tree.disk_bytes(),
         full_kv: plan.config.full_kv,
         rebuilt,

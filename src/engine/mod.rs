@@ -9,21 +9,25 @@
 //! prompt's first tokens as attention sink and the most recent document tokens that fit).
 
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::document::Document;
 use crate::model::{
-    generate, Encoded, GenerationStats, Llm, Message, ModelError, SamplingParams, StopReason,
+    generate, Embedder, Encoded, GenerationStats, Llm, Message, ModelError, SamplingParams,
+    StopReason,
 };
+use crate::tree::search::{Fusion, Scorer};
 use crate::tree::{chunk, Bm25};
 
+pub mod dense;
 pub mod ingest;
 pub mod session;
 mod tree_answer;
 
-pub use tree_answer::{NodeHit, Prepared, TreeSession};
+pub use tree_answer::{DenseIndex, NodeHit, Prepared, Retrieval, TreeSession, CANDIDATES};
 
 /// What the model is told about its job. Short: a 135M model follows short instructions best.
 pub const SYSTEM_PROMPT: &str = "You answer questions about a document. Use only the document. \
@@ -56,13 +60,37 @@ pub enum Method {
 }
 
 /// How `ask` builds its prompt, beyond the method.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct AskSettings {
     pub method: Method,
     /// Tokens per chunk for `rag`.
     pub chunk_tokens: usize,
     /// Most document tokens `rag` puts in the prompt.
     pub rag_tokens: usize,
+    /// How `rag` ranks its chunks (`bm25`, `dense` or `hybrid`; the tree-only scorers rank
+    /// as `bm25`), and how `hybrid` fuses.
+    pub scorer: Scorer,
+    pub fusion: Fusion,
+    /// The sentence embedder for `dense` and `hybrid` (without it `rag` ranks with BM25).
+    pub embedder: Option<Arc<Embedder>>,
+}
+
+impl AskSettings {
+    /// `method` with `config`'s `[rag]` and `[search]` settings.
+    pub fn new(
+        method: Method,
+        config: &crate::config::Config,
+        embedder: Option<Arc<Embedder>>,
+    ) -> Self {
+        Self {
+            method,
+            chunk_tokens: config.rag.chunk_tokens,
+            rag_tokens: config.rag.max_tokens,
+            scorer: config.search.scorer,
+            fusion: config.search.fusion,
+            embedder,
+        }
+    }
 }
 
 /// A part of the document the answer was given from.
@@ -131,6 +159,10 @@ pub struct Answer {
     /// For `tree`: the injected nodes in document order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<NodeHit>,
+    /// For `tree`: byte ranges of the best-ranked leaves before the budgets cut them, best
+    /// first (what `eval` measures recall at K on).
+    #[serde(skip)]
+    pub candidates: Vec<(usize, usize)>,
     pub prompt_tokens: usize,
     pub timings: Timings,
     pub memory: Memory,
@@ -290,6 +322,7 @@ pub fn ask(
         kept_tokens: seen,
         sources,
         nodes: Vec::new(),
+        candidates: Vec::new(),
         prompt_tokens: prompt.len(),
         timings: timings(&gen.stats, start),
         memory: Memory {
@@ -316,16 +349,36 @@ fn rag_passages(
     room: usize,
 ) -> Result<(Vec<u32>, Vec<Source>), EngineError> {
     let chunks = chunk(doc, enc, settings.chunk_tokens);
-    let index = Bm25::new(chunks.iter().map(|c| &doc.text[c.text.clone()]));
-    let scores = index.scores(question);
+    let texts: Vec<&str> = chunks.iter().map(|c| &doc.text[c.text.clone()]).collect();
+    let index = Bm25::new(texts.iter().copied());
+    let bm25 = index.scores(question);
+    let scores = match (&settings.embedder, settings.scorer) {
+        (Some(e), Scorer::Dense | Scorer::Hybrid) => {
+            let q = e.embed(&[question])?;
+            let dense: Vec<f64> = e
+                .embed_memo(&texts)?
+                .chunks_exact(e.dim())
+                .map(|v| v.iter().zip(&q).map(|(a, b)| (a * b) as f64).sum())
+                .collect();
+            if settings.scorer == Scorer::Dense {
+                dense
+            } else {
+                crate::tree::search::fuse(settings.fusion, &bm25, &dense)
+            }
+        }
+        _ => bm25.clone(),
+    };
     let mut order: Vec<usize> = (0..chunks.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
     let mark = llm.tokenizer.encode(CUT_MARK, false)?;
     let budget = room.min(settings.rag_tokens);
     let mut used = 0;
     let mut chosen = Vec::new();
-    // Chunks sharing no word with the question say nothing about it: leave them out.
-    for i in order.into_iter().filter(|&i| scores[i] > 0.0) {
+    // Chunks sharing no word with the question say nothing about it to BM25: leave them out
+    // (dense and hybrid rank every chunk).
+    let lexical =
+        settings.embedder.is_none() || !matches!(settings.scorer, Scorer::Dense | Scorer::Hybrid);
+    for i in order.into_iter().filter(|&i| !lexical || bm25[i] > 0.0) {
         let cost = chunks[i].tokens.len() + mark.len();
         if used + cost > budget {
             continue;

@@ -33,6 +33,8 @@ pub enum Stage {
     Encode,
     /// Opening a tree built earlier.
     Open,
+    /// Embedding the tree's passages for dense search (once per tree).
+    Embed,
 }
 
 /// How far getting ready has come.

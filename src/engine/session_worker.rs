@@ -53,7 +53,13 @@ pub(super) fn run(
         }
     };
     let view = tree_view(&opts, &tree);
-    let mut session = match TreeSession::new(&llm, tree) {
+    let embedder = crate::engine::dense::load_embedder(&opts.config, &mut |m| {
+        out.progress(Stage::Open, m);
+    });
+    let mut say = |p: &Progress| {
+        out.send(Event::Progress(p.clone()));
+    };
+    let mut session = match crate::engine::dense::session(&llm, tree, embedder.as_ref(), &mut say) {
         Ok(s) => s,
         Err(e) => {
             out.send(Event::Error(e.to_string()));
@@ -99,7 +105,13 @@ pub(super) fn run(
                         )
                         .and_then(|(tree, _)| {
                             let view = tree_view(&opts, &tree);
-                            Ok((TreeSession::new(&llm, tree)?, view))
+                            let s = crate::engine::dense::session(
+                                &llm,
+                                tree,
+                                embedder.as_ref(),
+                                &mut say,
+                            )?;
+                            Ok((s, view))
                         });
                         match rebuilt {
                             Ok((s, view)) => {

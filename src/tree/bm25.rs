@@ -2,7 +2,9 @@
 //! `rag`, and one of the tree's node scorers.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
+use rust_stemmers::{Algorithm, Stemmer};
 use serde::{Deserialize, Serialize};
 
 const K1: f64 = 1.2;
@@ -24,6 +26,14 @@ pub fn terms(text: &str) -> impl Iterator<Item = String> + '_ {
         .filter(|w| !STOPWORDS.contains(&w.as_str()))
 }
 
+/// [`terms`] reduced to their stems (Snowball English): "married" and "marry" match, which
+/// questions that describe a passage in their own words need.
+pub fn stems(text: &str) -> impl Iterator<Item = String> + '_ {
+    static STEMMER: OnceLock<Stemmer> = OnceLock::new();
+    let stemmer = STEMMER.get_or_init(|| Stemmer::create(Algorithm::English));
+    terms(text).map(|w| stemmer.stem(&w).into_owned())
+}
+
 /// Term statistics of a set of passages (ordered maps, so the stored form is the same
 /// from one build to the next).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,6 +44,9 @@ pub struct Bm25 {
     /// Term → number of passages containing it.
     df: BTreeMap<String, u32>,
     avg_len: f64,
+    /// Whether the terms are stems ([`stems`]); indexes stored before stemming are not.
+    #[serde(default)]
+    stemmed: bool,
 }
 
 impl Bm25 {
@@ -44,7 +57,7 @@ impl Bm25 {
         for p in passages {
             let mut c: BTreeMap<String, u32> = BTreeMap::new();
             let mut len = 0;
-            for t in terms(p) {
+            for t in stems(p) {
                 *c.entry(t).or_default() += 1;
                 len += 1;
             }
@@ -60,13 +73,23 @@ impl Bm25 {
             lengths,
             df,
             avg_len,
+            stemmed: true,
         }
+    }
+
+    /// Whether this index was built with [`stems`] (an index stored before is rebuilt).
+    pub fn is_stemmed(&self) -> bool {
+        self.stemmed
     }
 
     /// The BM25 score of every passage for `query`, in passage order.
     pub fn scores(&self, query: &str) -> Vec<f64> {
         let n = self.counts.len() as f64;
-        let mut q: Vec<String> = terms(query).collect();
+        let mut q: Vec<String> = if self.stemmed {
+            stems(query).collect()
+        } else {
+            terms(query).collect()
+        };
         q.sort();
         q.dedup();
         self.counts
@@ -90,6 +113,21 @@ impl Bm25 {
     }
 }
 
+/// One index per level `0..=height` over the nodes' texts (node order within the level,
+/// chunk by chunk), for chunks whose nodes span the byte ranges `nodes` of `text`.
+pub fn level_indexes(text: &str, nodes: &[Vec<(usize, usize)>], height: usize) -> Vec<Bm25> {
+    (0..=height)
+        .map(|w| {
+            let first = super::layout::node_number(w, 0);
+            Bm25::new(nodes.iter().flat_map(|c| {
+                c[first..first + (1 << w)]
+                    .iter()
+                    .map(|&(a, b)| text.get(a..b).unwrap_or(""))
+            }))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +142,14 @@ mod tests {
         let s = idx.scores("Where was the photograph hidden?");
         assert!(s[2] > s[0] && s[2] > s[1], "{s:?}");
         assert_eq!(s[1], 0.0);
+    }
+
+    #[test]
+    fn words_match_by_their_stems() {
+        let idx = Bm25::new(["She married the officer.", "The officers rode away."]);
+        let s = idx.scores("Whom does she marry?");
+        assert!(s[0] > 0.0 && s[1] == 0.0, "{s:?}");
+        assert!(idx.scores("an officer")[1] > 0.0);
     }
 
     #[test]

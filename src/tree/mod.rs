@@ -6,10 +6,12 @@
 
 mod bm25;
 mod chunk;
+mod dense;
 mod encode;
 pub mod layout;
 pub mod search;
 
-pub use bm25::{terms, Bm25};
+pub use bm25::{level_indexes, stems, terms, Bm25};
 pub use chunk::{chunk, Chunk};
+pub use dense::node_vectors;
 pub use encode::{EncodedChunk, Encoder, TreeConfig};

@@ -22,11 +22,23 @@ pub enum Scorer {
     Hidden,
     /// BM25 of the question's words in the node's text, per level.
     Bm25,
-    /// The mean of `bm25` (scaled to [0, 1] per level) and `hidden` (clamped at 0).
-    Hybrid,
     /// `bm25` of the node averaged with `bm25` of its whole chunk: a small node is ranked by
     /// the passage around it too (questions share few words with a 64-token leaf).
     Bm25chunk,
+    /// Cosine of sentence embeddings (all-MiniLM-L6-v2) of the node's text and the question.
+    Dense,
+    /// `bm25` and `dense` fused (`search.fusion`).
+    Hybrid,
+}
+
+/// How `hybrid` fuses its two rankings, level by level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Fusion {
+    /// The sum of both scores, each standardised over the level's nodes (z-scores).
+    Zscore,
+    /// Reciprocal-rank fusion: the sum of 1 / (60 + rank) in each ranking.
+    Rrf,
 }
 
 /// How the selection grows.
@@ -37,6 +49,9 @@ pub enum Policy {
     Paper,
     /// Global best-first expansion under the total and the full-resolution budgets.
     Budget,
+    /// The best-ranked leaves first, at full resolution, while the fine budget lasts (the
+    /// paths down to them opened on the way); then best-first coarse expansion of the rest.
+    Ranked,
 }
 
 /// The shape of the stored trees, as search needs it.
@@ -54,8 +69,10 @@ pub struct Shape<'a> {
 pub struct Query<'a> {
     /// The prompt's last-token layer-0 vector (for `paper`).
     pub paper: &'a [f32],
-    /// The question's mean hidden state (for `hidden`, `hybrid`).
+    /// The question's mean hidden state (for `hidden`).
     pub hidden: &'a [f32],
+    /// The question's sentence embedding, unit length (for `dense`, `hybrid`).
+    pub dense: &'a [f32],
     pub text: &'a str,
 }
 
@@ -68,6 +85,9 @@ pub struct Index<'a> {
     pub d: usize,
     /// One index per level, over that level's nodes chunk by chunk.
     pub bm25: Vec<&'a Bm25>,
+    /// `(chunks × nodes, dense_d)` unit-length sentence embeddings (empty without them).
+    pub dense: &'a [f32],
+    pub fusion: Fusion,
 }
 
 /// The budgets of `budget` (and the cap for `paper`).
@@ -83,6 +103,9 @@ pub struct Budget {
     /// Entries of the cut mark injected on either side of a node read at α = 1: charged to
     /// `total` for both sides, so the marks never take the injection over it.
     pub separator: usize,
+    /// `ranked`: leaves read around each chosen one (1 = alone, 2 = with its better
+    /// neighbour, 3 = with both).
+    pub window: usize,
 }
 
 /// One node chosen for injection.
@@ -106,7 +129,7 @@ pub fn score(scorer: Scorer, index: &Index, query: &Query, shape: &Shape) -> Vec
     let cos = |table: &[f32], q: &[f32]| -> Vec<f32> {
         let qn = norm(q);
         table
-            .chunks_exact(index.d)
+            .chunks_exact(q.len().max(1))
             .map(|v| {
                 let n = norm(v) * qn;
                 if n > 0.0 {
@@ -117,42 +140,172 @@ pub fn score(scorer: Scorer, index: &Index, query: &Query, shape: &Shape) -> Vec
             })
             .collect()
     };
+    // Raw BM25 of every node, in node order.
     let bm25 = || -> Vec<f32> {
         let mut out = vec![0f32; chunks * per];
         for (level, idx) in index.bm25.iter().enumerate() {
-            let s = idx.scores(query.text);
-            let max = s.iter().copied().fold(0.0, f64::max);
             let width = 1 << level;
-            for (i, v) in s.iter().enumerate() {
+            for (i, v) in idx.scores(query.text).iter().enumerate() {
                 let (chunk, at) = (i / width, i % width);
                 if chunk < chunks {
-                    out[chunk * per + node_number(level, at)] =
-                        if max > 0.0 { (v / max) as f32 } else { 0.0 };
+                    out[chunk * per + node_number(level, at)] = *v as f32;
                 }
             }
         }
         out
     };
+    let scaled_bm25 = || {
+        let mut b = bm25();
+        per_level(&mut b, shape, |v| {
+            let max = v.iter().copied().fold(0.0, f32::max);
+            v.iter_mut()
+                .for_each(|x| *x = if max > 0.0 { *x / max } else { 0.0 });
+        });
+        b
+    };
     match scorer {
         Scorer::Paper => cos(index.paper, query.paper),
         Scorer::Hidden => cos(index.hidden, query.hidden),
-        Scorer::Bm25 => bm25(),
+        Scorer::Bm25 => scaled_bm25(),
         Scorer::Bm25chunk => {
-            let b = bm25();
+            let b = scaled_bm25();
             b.iter()
                 .enumerate()
                 .map(|(i, &x)| 0.5 * x + 0.5 * b[i - i % per])
                 .collect()
         }
+        Scorer::Dense => cos(index.dense, query.dense),
         Scorer::Hybrid => {
-            let h = cos(index.hidden, query.hidden);
-            bm25()
-                .iter()
-                .zip(h)
-                .map(|(b, h)| 0.5 * b + 0.5 * h.max(0.0))
-                .collect()
+            let mut b = bm25();
+            let mut d = cos(index.dense, query.dense);
+            let fuse: fn(&mut [f32]) = match index.fusion {
+                Fusion::Zscore => standardise,
+                Fusion::Rrf => reciprocal_ranks,
+            };
+            per_level(&mut b, shape, fuse);
+            per_level(&mut d, shape, fuse);
+            b.iter().zip(&d).map(|(b, d)| b + d).collect()
         }
     }
+}
+
+/// Two rankings of the same passages fused by `fusion` (what `hybrid` does per level).
+pub fn fuse(fusion: Fusion, a: &[f64], b: &[f64]) -> Vec<f64> {
+    let f: fn(&mut [f32]) = match fusion {
+        Fusion::Zscore => standardise,
+        Fusion::Rrf => reciprocal_ranks,
+    };
+    let mut a: Vec<f32> = a.iter().map(|&x| x as f32).collect();
+    let mut b: Vec<f32> = b.iter().map(|&x| x as f32).collect();
+    f(&mut a);
+    f(&mut b);
+    a.iter().zip(&b).map(|(x, y)| (x + y) as f64).collect()
+}
+
+/// Apply `f` to the scores of each level's nodes (all chunks together).
+fn per_level(scores: &mut [f32], shape: &Shape, f: impl Fn(&mut [f32])) {
+    let per = nodes_per_chunk(shape.height);
+    let chunks = shape.node_lens.len();
+    for level in 0..=shape.height {
+        let width = 1 << level;
+        let at = |c: usize, i: usize| c * per + node_number(level, i);
+        let mut v: Vec<f32> = (0..chunks)
+            .flat_map(|c| (0..width).map(move |i| (c, i)))
+            .map(|(c, i)| scores[at(c, i)])
+            .collect();
+        f(&mut v);
+        for c in 0..chunks {
+            for i in 0..width {
+                scores[at(c, i)] = v[c * width + i];
+            }
+        }
+    }
+}
+
+/// Scores as z-scores over `v` (all zero when they do not vary).
+fn standardise(v: &mut [f32]) {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let sd = (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+    v.iter_mut().for_each(|x| {
+        *x = if sd > 0.0 {
+            ((*x as f64 - mean) / sd) as f32
+        } else {
+            0.0
+        }
+    });
+}
+
+/// Scores as 1 / (60 + rank), rank 1 = best (the constant of Cormack et al. 2009).
+fn reciprocal_ranks(v: &mut [f32]) {
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
+    for (rank, i) in order.into_iter().enumerate() {
+        v[i] = 1.0 / (61.0 + rank as f32);
+    }
+}
+
+/// Add `weight` × the better of its two neighbours' scores to every leaf (across chunk
+/// boundaries): a fact is often told over two leaves, and a leaf next to a strong match is
+/// more likely to hold the answer than an isolated weak one.
+pub fn with_neighbours(scores: &mut [f32], shape: &Shape, weight: f32) {
+    if weight == 0.0 {
+        return;
+    }
+    let per = nodes_per_chunk(shape.height);
+    let leaves = 1usize << shape.height;
+    let total = shape.node_lens.len() * leaves;
+    let at = |g: usize| (g / leaves) * per + node_number(shape.height, g % leaves);
+    let raw: Vec<f32> = (0..total).map(|g| scores[at(g)]).collect();
+    for g in 0..total {
+        let left = g.checked_sub(1).map(|l| raw[l]);
+        let right = raw.get(g + 1).copied();
+        if let Some(best) = left.into_iter().chain(right).reduce(f32::max) {
+            scores[at(g)] = raw[g] + weight * best;
+        }
+    }
+}
+
+/// Every leaf as `(chunk, leaf index)`, best score first (document order among equals).
+pub fn ranked_leaves(scores: &[f32], shape: &Shape) -> Vec<(usize, usize)> {
+    let per = nodes_per_chunk(shape.height);
+    let leaves = 1usize << shape.height;
+    let mut out: Vec<(usize, usize)> = (0..shape.node_lens.len())
+        .flat_map(|c| (0..leaves).map(move |i| (c, i)))
+        .collect();
+    let s = |&(c, i): &(usize, usize)| scores[c * per + node_number(shape.height, i)];
+    out.sort_by(|a, b| s(b).total_cmp(&s(a)).then(a.cmp(b)));
+    out
+}
+
+/// The leaves in the order `ranked` reads them: best first, each followed by the better of
+/// its neighbours when `window` ≥ 2 and by the other one too when `window` ≥ 3 (a passage
+/// that answers is often longer than one leaf: half the dev set's evidence spans two).
+pub fn reading_order(scores: &[f32], shape: &Shape, window: usize) -> Vec<(usize, usize)> {
+    let per = nodes_per_chunk(shape.height);
+    let leaves = 1usize << shape.height;
+    let total = shape.node_lens.len() * leaves;
+    let score = |g: usize| scores[(g / leaves) * per + node_number(shape.height, g % leaves)];
+    let mut taken = vec![false; total];
+    let mut out = Vec::with_capacity(total);
+    for (c, i) in ranked_leaves(scores, shape) {
+        let g = c * leaves + i;
+        if taken[g] {
+            continue;
+        }
+        let mut sides: Vec<usize> = [g.checked_sub(1), Some(g + 1).filter(|&r| r < total)]
+            .into_iter()
+            .flatten()
+            .collect();
+        sides.sort_by(|&a, &b| score(b).total_cmp(&score(a)).then(a.cmp(&b)));
+        for n in std::iter::once(g).chain(sides.into_iter().take(window.saturating_sub(1))) {
+            if !taken[n] {
+                taken[n] = true;
+                out.push((n / leaves, n % leaves));
+            }
+        }
+    }
+    out
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -167,7 +320,8 @@ fn norm(a: &[f32]) -> f32 {
 pub fn select(policy: Policy, scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
     let mut out = match policy {
         Policy::Paper => paper(scores, shape, budget),
-        Policy::Budget => best_first(scores, shape, budget),
+        Policy::Budget => best_first(scores, shape, budget, true, budget.fine),
+        Policy::Ranked => ranked(scores, shape, budget),
     };
     out.sort_by_key(|s| (s.chunk, node_span_order(s, shape)));
     out
@@ -249,6 +403,56 @@ fn paper(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
     out
 }
 
+/// `budget` with the best-ranked leaves put first: each leaf that still fits the fine
+/// budget, in reading order, and every node on the path down to it, outrank all other nodes,
+/// so best-first opens those paths and reads those leaves before spending the rest of the
+/// budget on coarse context. The nodes keep their own scores in the result.
+fn ranked(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
+    let per = nodes_per_chunk(shape.height);
+    let h = shape.height;
+    let a = shape.alpha;
+    let mut priority = scores.to_vec();
+    let mut fine = 0;
+    // Entries the chosen leaves add over their chunks' roots: the paths opened down to them,
+    // each leaf at α = 1 and its cut marks. Kept free when the roots are laid out.
+    let mut reserve = 0;
+    let mut opened = std::collections::HashSet::new();
+    let mut rank = 0usize;
+    // Above every real score: z-scores, cosines and BM25 ratios stay far below.
+    let top = 1e6f32;
+    for (c, i) in reading_order(scores, shape, budget.window) {
+        let lens = &shape.node_lens[c];
+        let len = lens[node_number(h, i)];
+        let mut cost = len - entries(len, a[h]) + 2 * budget.separator;
+        let mut path = Vec::new();
+        for level in 0..h {
+            let at = i >> (h - level);
+            if !opened.contains(&(c, level, at)) {
+                let kid = |k| entries(lens[node_number(level + 1, k)], a[level + 1]);
+                cost += kid(2 * at) + kid(2 * at + 1);
+                cost -= entries(lens[node_number(level, at)], a[level]);
+                path.push((c, level, at));
+            }
+        }
+        if len == 0 || fine + len > budget.fine || reserve + cost > budget.total * 3 / 4 {
+            continue;
+        }
+        fine += len;
+        reserve += cost;
+        opened.extend(path);
+        for level in 0..=h {
+            let n = c * per + node_number(level, i >> (h - level));
+            priority[n] = priority[n].max(top - rank as f32);
+        }
+        rank += 1;
+    }
+    let mut out = best_first(&priority, shape, budget, false, reserve);
+    for s in &mut out {
+        s.score = scores[s.chunk * per + node_number(s.level, s.index)];
+    }
+    out
+}
+
 /// One candidate refinement, ordered by score.
 #[derive(Debug)]
 struct Item {
@@ -275,13 +479,19 @@ impl Ord for Item {
 }
 
 /// Start from every chunk at level 0 (dropping the worst chunks when they would leave no
-/// room for `budget.fine` entries of refinement), then replace the best-scoring node by its
+/// room for `reserve` entries of refinement), then replace the best-scoring node by its
 /// two children — or a deepest node by its full-resolution tokens — while both budgets hold.
 ///
-/// A leaf read at full resolution makes its neighbours the next candidates: a sentence that
+/// With `lend`, a leaf read at full resolution makes its neighbours the next candidates: a sentence that
 /// matches the question often continues (or starts) across a leaf boundary, and the words
 /// that answer it share none of the question's.
-fn best_first(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
+fn best_first(
+    scores: &[f32],
+    shape: &Shape,
+    budget: Budget,
+    lend: bool,
+    reserve: usize,
+) -> Vec<Selected> {
     let leaves = 1usize << shape.height;
     let chunks = shape.node_lens.len();
     // Score lent to a leaf (by chunk and leaf index) by a neighbour read in full.
@@ -296,10 +506,7 @@ fn best_first(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
     let mut used = 0;
     let mut fine = 0;
     let mut start: Vec<usize> = Vec::new();
-    let coarse_room = budget
-        .total
-        .saturating_sub(budget.fine)
-        .max(budget.total / 4);
+    let coarse_room = budget.total.saturating_sub(reserve).max(budget.total / 4);
     // A level kept at α = 1 counts against the full-resolution budget like a leaf.
     let fine_cost = |s: &Selected| if s.alpha == 1 { s.entries } else { 0 };
     let marks = |s: &Selected| {
@@ -358,7 +565,7 @@ fn best_first(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
                 // A leaf's neighbours on either side, across chunk boundaries, come next
                 // (one step only: a leaf read for its neighbour's sake lends nothing on).
                 let global = cur.chunk * leaves + cur.index;
-                let neighbours = if cur.level == shape.height && cur.score >= now {
+                let neighbours = if lend && cur.level == shape.height && cur.score >= now {
                     vec![(global + 1, 0.999), (global.wrapping_sub(1), 0.998)]
                 } else {
                     Vec::new()
@@ -463,16 +670,24 @@ mod tests {
                         fine,
                         fine_level,
                         separator: 6,
+                        window: 1,
                     };
-                    let sel = select(Policy::Budget, &scores, &shape, b);
-                    let used: usize = sel.iter().map(|s| s.entries).sum();
-                    let fine_used: usize =
-                        sel.iter().filter(|s| s.alpha == 1).map(|s| s.entries).sum();
-                    let marks = 2 * 6 * sel.iter().filter(|s| s.alpha == 1).count();
-                    assert!(
-                        used + marks <= total && fine_used <= fine,
-                        "{a:?} {total}/{fine} from level {fine_level}: {used}/{fine_used}"
-                    );
+                    for (policy, window) in [
+                        (Policy::Budget, 1),
+                        (Policy::Ranked, 1),
+                        (Policy::Ranked, 3),
+                    ] {
+                        let b = Budget { window, ..b };
+                        let sel = select(policy, &scores, &shape, b);
+                        let used: usize = sel.iter().map(|s| s.entries).sum();
+                        let fine_used: usize =
+                            sel.iter().filter(|s| s.alpha == 1).map(|s| s.entries).sum();
+                        let marks = 2 * 6 * sel.iter().filter(|s| s.alpha == 1).count();
+                        assert!(
+                            used + marks <= total && fine_used <= fine,
+                            "{policy:?} {a:?} {total}/{fine} from level {fine_level}: {used}/{fine_used}"
+                        );
+                    }
                 }
             }
         }
@@ -486,6 +701,7 @@ mod tests {
                 fine: doc,
                 fine_level: 3,
                 separator: 0,
+                window: 1,
             },
         );
         assert!(sel.iter().all(|s| s.alpha == 1));
@@ -519,6 +735,7 @@ mod tests {
                 fine: 0,
                 fine_level: 3,
                 separator: 0,
+                window: 1,
             },
         );
         for c in 0..3 {
@@ -545,6 +762,7 @@ mod tests {
                 fine: 0,
                 fine_level: 3,
                 separator: 0,
+                window: 1,
             },
         );
         let c0: Vec<(usize, usize)> = sel
@@ -590,6 +808,7 @@ mod tests {
             fine: 192,
             fine_level: 3,
             separator: 0,
+            window: 1,
         };
         assert_eq!(
             full_leaves(6, 2, 7, budget),
@@ -604,6 +823,7 @@ mod tests {
             fine: 256,
             fine_level: 1,
             separator: 0,
+            window: 1,
         };
         assert_eq!(full_leaves(6, 2, 7, half), vec![(2, 1, 1)]);
         // Too small for the half: its better quarter whole, then a leaf of the other one.
@@ -618,7 +838,91 @@ mod tests {
             fine: 64,
             fine_level: 3,
             separator: 0,
+            window: 1,
         };
         assert_eq!(full_leaves(20, 13, 5, budget), vec![(13, 3, 5)]);
+    }
+
+    /// `ranked` reads the best leaves in rank order wherever they are, even in chunks whose
+    /// roots score low, and reports each node's own score.
+    #[test]
+    fn ranked_reads_the_best_leaves_first() {
+        let lens = shape_of(&[512; 8], 3);
+        let alpha = [32, 16, 8, 4];
+        let shape = Shape {
+            height: 3,
+            alpha: &alpha,
+            node_lens: &lens,
+        };
+        let per = nodes_per_chunk(3);
+        // Chunk roots favour chunk 0; the best leaves are in chunks 5 and 2.
+        let mut scores = vec![0.1f32; 8 * per];
+        scores[0] = 0.9;
+        scores[5 * per + node_number(3, 6)] = 0.8;
+        scores[2 * per + node_number(3, 1)] = 0.7;
+        scores[per * 7 + node_number(3, 0)] = 0.6;
+        let b = Budget {
+            total: 8 * 16 + 400,
+            fine: 128,
+            fine_level: 3,
+            separator: 0,
+            window: 1,
+        };
+        let full = |b: Budget| -> Vec<(usize, usize, usize, f32)> {
+            select(Policy::Ranked, &scores, &shape, b)
+                .iter()
+                .filter(|s| s.alpha == 1)
+                .map(|s| (s.chunk, s.level, s.index, s.score))
+                .collect()
+        };
+        assert_eq!(full(b), vec![(2, 3, 1, 0.7), (5, 3, 6, 0.8)]);
+        assert_eq!(
+            ranked_leaves(&scores, &shape)[..3],
+            [(5, 6), (2, 1), (7, 0)]
+        );
+        // With a window of three, the best leaf comes with both its neighbours (the last
+        // leaf of chunk 5 before the first of chunk 6 on a tie: document order).
+        assert_eq!(
+            reading_order(&scores, &shape, 3)[..4],
+            [(5, 6), (5, 5), (5, 7), (2, 1)]
+        );
+        let three = full(Budget {
+            fine: 192,
+            window: 3,
+            ..b
+        });
+        let read: Vec<(usize, usize)> = three.iter().map(|x| (x.0, x.2)).collect();
+        assert_eq!(read, vec![(5, 5), (5, 6), (5, 7)]);
+    }
+
+    #[test]
+    fn neighbours_lend_a_share_of_the_better_score() {
+        let lens = shape_of(&[64, 64], 1);
+        let alpha = [2, 1];
+        let shape = Shape {
+            height: 1,
+            alpha: &alpha,
+            node_lens: &lens,
+        };
+        // Leaves in document order: 1.0, 0.0 | 0.5, 0.2 (node 0 of each chunk is its root).
+        let mut scores = vec![9.0, 1.0, 0.0, 9.0, 0.5, 0.2];
+        with_neighbours(&mut scores, &shape, 0.5);
+        // Across the chunk boundary too; roots untouched.
+        let want = [9.0, 1.0, 0.5, 9.0, 0.6, 0.45];
+        assert!(
+            scores.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6),
+            "{scores:?}"
+        );
+    }
+
+    #[test]
+    fn fusion_adds_standardised_scores_or_reciprocal_ranks() {
+        let z = fuse(Fusion::Zscore, &[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]);
+        assert!(z.iter().all(|x| x.abs() < 1e-6), "{z:?}");
+        let z = fuse(Fusion::Zscore, &[0.0, 0.0, 6.0], &[0.1, 0.3, 0.2]);
+        assert!(z[2] > z[1] && z[1] > z[0], "{z:?}");
+        let r = fuse(Fusion::Rrf, &[5.0, 1.0, 0.0], &[0.0, 1.0, 5.0]);
+        assert!((r[0] - r[2]).abs() < 1e-9 && r[1] < r[0], "{r:?}");
+        assert!((r[1] - 2.0 / 62.0).abs() < 1e-6, "{r:?}");
     }
 }

@@ -111,6 +111,7 @@ fn stage_name(stage: Stage) -> &'static str {
         Stage::Document => "Reading the document",
         Stage::Encode => "Building the context tree",
         Stage::Open => "Opening the context tree",
+        Stage::Embed => "Embedding passages for dense search",
     }
 }
 
