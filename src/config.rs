@@ -78,7 +78,7 @@ impl Default for SearchSettings {
             scorer: Scorer::Bm25,
             fusion: Fusion::Zscore,
             neighbours: 0.0,
-            window: 1,
+            window: 3,
             policy: Policy::Budget,
             budget: 1024,
             fine_budget: 256,

@@ -372,10 +372,11 @@ pub struct Summary {
     pub kind: String,
     pub cases: usize,
     pub correct: usize,
-    /// Cases whose evidence was read at full resolution (of those where it was looked up).
-    pub evidence_read: usize,
-    /// Cases whose evidence the best K candidates hold, for K = 4, 8, 16.
-    pub recall_at: BTreeMap<usize, usize>,
+    /// Cases whose evidence was read at full resolution; `None` when the method reads no
+    /// passages to look it up in (`full`, `truncate`, `stream`, the oracle).
+    pub evidence_read: Option<usize>,
+    /// Cases whose evidence the best K candidates hold, for K = 4, 8, 16 (`None` likewise).
+    pub recall_at: Option<BTreeMap<usize, usize>>,
 }
 
 /// The ranks at which recall is reported.
@@ -395,21 +396,25 @@ pub fn summarize(results: &[CaseResult]) -> Vec<Summary> {
                 .iter()
                 .filter(|r| k.is_none() || r.kind.as_deref() == k)
                 .collect();
+            let looked_up = rs.iter().any(|r| r.evidence_read.is_some());
             Summary {
                 kind: k.unwrap_or("all").to_string(),
                 cases: rs.len(),
                 correct: rs.iter().filter(|r| r.correct).count(),
-                evidence_read: rs.iter().filter(|r| r.evidence_read == Some(true)).count(),
-                recall_at: RECALL_AT
-                    .iter()
-                    .map(|&k| {
-                        let n = rs
-                            .iter()
-                            .filter(|r| r.evidence_rank.is_some_and(|at| at <= k))
-                            .count();
-                        (k, n)
-                    })
-                    .collect(),
+                evidence_read: looked_up
+                    .then(|| rs.iter().filter(|r| r.evidence_read == Some(true)).count()),
+                recall_at: looked_up.then(|| {
+                    RECALL_AT
+                        .iter()
+                        .map(|&k| {
+                            let n = rs
+                                .iter()
+                                .filter(|r| r.evidence_rank.is_some_and(|at| at <= k))
+                                .count();
+                            (k, n)
+                        })
+                        .collect()
+                }),
             }
         })
         .collect()
@@ -421,16 +426,20 @@ pub fn summary_table(method: &str, summaries: &[Summary]) -> String {
         "| {method} | cases | correct | evidence read | recall@4 | recall@8 | recall@16 |\n|---|---|---|---|---|---|---|\n"
     );
     for s in summaries {
-        let pct = |n: usize| format!("{n} ({:.0} %)", 100.0 * n as f64 / s.cases.max(1) as f64);
+        let pct = |n: Option<usize>| match n {
+            Some(n) => format!("{n} ({:.0} %)", 100.0 * n as f64 / s.cases.max(1) as f64),
+            None => "–".to_string(),
+        };
+        let at = |k: usize| s.recall_at.as_ref().and_then(|r| r.get(&k).copied());
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} |\n",
             s.kind,
             s.cases,
-            pct(s.correct),
+            pct(Some(s.correct)),
             pct(s.evidence_read),
-            pct(s.recall_at[&4]),
-            pct(s.recall_at[&8]),
-            pct(s.recall_at[&16]),
+            pct(at(4)),
+            pct(at(8)),
+            pct(at(16)),
         ));
     }
     out

@@ -306,11 +306,28 @@ fn first_run_fetches_the_default_model_into_an_empty_cache() {
         .join(slm_chat::model::DEFAULT_MODEL_FILE);
     let sha = slm_chat::model::sha256_file(&path).expect("installed");
     assert_eq!(sha, slm_chat::model::DEFAULT_MODEL_SHA256);
-    // No temporary files are left beside it.
-    let entries = std::fs::read_dir(dir.path().join("models"))
+    // The sentence embedder for dense search comes with it, checked by its own checksums.
+    assert!(
+        out.stderr.contains("downloading the sentence embedder"),
+        "{}",
+        out.stderr
+    );
+    assert!(slm_chat::model::embedder_present(
+        &dir.path().join("models")
+    ));
+    // No temporary files are left beside them.
+    let mut entries: Vec<String> = std::fs::read_dir(dir.path().join("models"))
         .expect("dir")
-        .count();
-    assert_eq!(entries, 1);
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    assert_eq!(
+        entries,
+        [
+            slm_chat::model::DEFAULT_MODEL_FILE,
+            slm_chat::model::EMBEDDER_DIR
+        ]
+    );
 }
 
 #[test]

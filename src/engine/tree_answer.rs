@@ -410,7 +410,7 @@ impl<'a> TreeSession<'a> {
         let candidates = search::reading_order(&scores, &shape, budget.window)
             .into_iter()
             .take(CANDIDATES)
-            .map(|(c, i)| plan.chunks[c].nodes[node_number(height, i)].chars)
+            .map(|r| plan.chunks[r.chunk].nodes[node_number(height, r.leaf)].chars)
             .collect();
         Ok(Retrieval {
             selected: search::select(settings.policy, &scores, &shape, budget),

@@ -104,18 +104,8 @@ impl Tree {
         let text = String::from_utf8(read_checked(TEXT, &plan.text)?)
             .map_err(|_| StoreError::corrupt(dir, format!("{TEXT} is not UTF-8")))?;
         let tokens = read_tokens(dir, &read_checked(TOKENS, &plan.token_ids)?)?;
-        let mut bm25: Vec<Bm25> = serde_json::from_slice(&read_checked(BM25, &plan.bm25)?)
+        let bm25: Vec<Bm25> = serde_json::from_slice(&read_checked(BM25, &plan.bm25)?)
             .map_err(|e| StoreError::corrupt(dir, format!("{BM25}: {e}")))?;
-        if !bm25.iter().all(Bm25::is_stemmed) {
-            // Stored before BM25 matched words by their stems: index the nodes' text again
-            // (a fraction of a second), so an old tree searches as a new one does.
-            let spans: Vec<Vec<(usize, usize)>> = plan
-                .chunks
-                .iter()
-                .map(|c| c.nodes.iter().map(|n| n.chars).collect())
-                .collect();
-            bm25 = crate::tree::level_indexes(&text, &spans, plan.config.height);
-        }
         let mut maps = Vec::with_capacity(manifest.batches.len());
         let mut slots = HashMap::new();
         for (i, b) in manifest.batches.iter().enumerate() {

@@ -2,9 +2,7 @@
 //! `rag`, and one of the tree's node scorers.
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
 
-use rust_stemmers::{Algorithm, Stemmer};
 use serde::{Deserialize, Serialize};
 
 const K1: f64 = 1.2;
@@ -26,14 +24,6 @@ pub fn terms(text: &str) -> impl Iterator<Item = String> + '_ {
         .filter(|w| !STOPWORDS.contains(&w.as_str()))
 }
 
-/// [`terms`] reduced to their stems (Snowball English): "married" and "marry" match, which
-/// questions that describe a passage in their own words need.
-pub fn stems(text: &str) -> impl Iterator<Item = String> + '_ {
-    static STEMMER: OnceLock<Stemmer> = OnceLock::new();
-    let stemmer = STEMMER.get_or_init(|| Stemmer::create(Algorithm::English));
-    terms(text).map(|w| stemmer.stem(&w).into_owned())
-}
-
 /// Term statistics of a set of passages (ordered maps, so the stored form is the same
 /// from one build to the next).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,9 +34,6 @@ pub struct Bm25 {
     /// Term → number of passages containing it.
     df: BTreeMap<String, u32>,
     avg_len: f64,
-    /// Whether the terms are stems ([`stems`]); indexes stored before stemming are not.
-    #[serde(default)]
-    stemmed: bool,
 }
 
 impl Bm25 {
@@ -57,7 +44,7 @@ impl Bm25 {
         for p in passages {
             let mut c: BTreeMap<String, u32> = BTreeMap::new();
             let mut len = 0;
-            for t in stems(p) {
+            for t in terms(p) {
                 *c.entry(t).or_default() += 1;
                 len += 1;
             }
@@ -73,23 +60,13 @@ impl Bm25 {
             lengths,
             df,
             avg_len,
-            stemmed: true,
         }
-    }
-
-    /// Whether this index was built with [`stems`] (an index stored before is rebuilt).
-    pub fn is_stemmed(&self) -> bool {
-        self.stemmed
     }
 
     /// The BM25 score of every passage for `query`, in passage order.
     pub fn scores(&self, query: &str) -> Vec<f64> {
         let n = self.counts.len() as f64;
-        let mut q: Vec<String> = if self.stemmed {
-            stems(query).collect()
-        } else {
-            terms(query).collect()
-        };
+        let mut q: Vec<String> = terms(query).collect();
         q.sort();
         q.dedup();
         self.counts
@@ -142,14 +119,6 @@ mod tests {
         let s = idx.scores("Where was the photograph hidden?");
         assert!(s[2] > s[0] && s[2] > s[1], "{s:?}");
         assert_eq!(s[1], 0.0);
-    }
-
-    #[test]
-    fn words_match_by_their_stems() {
-        let idx = Bm25::new(["She married the officer.", "The officers rode away."]);
-        let s = idx.scores("Whom does she marry?");
-        assert!(s[0] > 0.0 && s[1] == 0.0, "{s:?}");
-        assert!(idx.scores("an officer")[1] > 0.0);
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod encode;
 pub mod layout;
 pub mod search;
 
-pub use bm25::{level_indexes, stems, terms, Bm25};
+pub use bm25::{level_indexes, terms, Bm25};
 pub use chunk::{chunk, Chunk};
 pub use dense::node_vectors;
 pub use encode::{EncodedChunk, Encoder, TreeConfig};

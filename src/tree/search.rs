@@ -91,7 +91,7 @@ pub struct Index<'a> {
 }
 
 /// The budgets of `budget` (and the cap for `paper`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Budget {
     /// Most injected entries in all.
     pub total: usize,
@@ -278,10 +278,17 @@ pub fn ranked_leaves(scores: &[f32], shape: &Shape) -> Vec<(usize, usize)> {
     out
 }
 
+/// A leaf in reading order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reading {
+    pub chunk: usize,
+    pub leaf: usize,
+}
+
 /// The leaves in the order `ranked` reads them: best first, each followed by the better of
 /// its neighbours when `window` ≥ 2 and by the other one too when `window` ≥ 3 (a passage
 /// that answers is often longer than one leaf: half the dev set's evidence spans two).
-pub fn reading_order(scores: &[f32], shape: &Shape, window: usize) -> Vec<(usize, usize)> {
+pub fn reading_order(scores: &[f32], shape: &Shape, window: usize) -> Vec<Reading> {
     let per = nodes_per_chunk(shape.height);
     let leaves = 1usize << shape.height;
     let total = shape.node_lens.len() * leaves;
@@ -301,7 +308,10 @@ pub fn reading_order(scores: &[f32], shape: &Shape, window: usize) -> Vec<(usize
         for n in std::iter::once(g).chain(sides.into_iter().take(window.saturating_sub(1))) {
             if !taken[n] {
                 taken[n] = true;
-                out.push((n / leaves, n % leaves));
+                out.push(Reading {
+                    chunk: n / leaves,
+                    leaf: n % leaves,
+                });
             }
         }
     }
@@ -420,7 +430,7 @@ fn ranked(scores: &[f32], shape: &Shape, budget: Budget) -> Vec<Selected> {
     let mut rank = 0usize;
     // Above every real score: z-scores, cosines and BM25 ratios stay far below.
     let top = 1e6f32;
-    for (c, i) in reading_order(scores, shape, budget.window) {
+    for Reading { chunk: c, leaf: i } in reading_order(scores, shape, budget.window) {
         let lens = &shape.node_lens[c];
         let len = lens[node_number(h, i)];
         let mut cost = len - entries(len, a[h]) + 2 * budget.separator;
@@ -883,7 +893,10 @@ mod tests {
         // With a window of three, the best leaf comes with both its neighbours (the last
         // leaf of chunk 5 before the first of chunk 6 on a tie: document order).
         assert_eq!(
-            reading_order(&scores, &shape, 3)[..4],
+            reading_order(&scores, &shape, 3)[..4]
+                .iter()
+                .map(|r| (r.chunk, r.leaf))
+                .collect::<Vec<_>>(),
             [(5, 6), (5, 5), (5, 7), (2, 1)]
         );
         let three = full(Budget {
