@@ -131,31 +131,42 @@ fn dense_vectors_are_stored_with_the_tree_and_rank_its_leaves() {
     }));
 }
 
+/// `slm-chat ask --scorer SCORER FILE QUESTION` over a one-line document `text`, with the
+/// cache in `cache` and no python3 on the PATH (so nothing can be fetched): exit success and
+/// stderr.
+fn ask_without_python(cache: &Path, text: &str, scorer: &str, question: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("note.txt");
+    std::fs::write(&file, text).expect("write");
+    let empty_path = tempfile::tempdir().expect("tmp");
+    let out = Command::new(exe())
+        .env("SLM_CHAT_PATHS_CACHE_DIR", cache)
+        .env("PATH", empty_path.path())
+        .arg("--model")
+        .arg(default_model())
+        .args(["ask", "--scorer", scorer, "--max-tokens", "8"])
+        .arg(&file)
+        .arg(question)
+        .output()
+        .expect("run");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Without the embedder (no python3 to fetch it with), `hybrid` says once that dense search
 /// is off and answers with BM25 alone.
 #[test]
 fn without_the_embedder_search_falls_back_to_bm25_in_one_line() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let file = dir.path().join("note.txt");
-    std::fs::write(
-        &file,
-        "The lighthouse keeper was called Tobias Wren. He kept a grey cat named Pepper.\n",
-    )
-    .expect("write");
     let cache = tempfile::tempdir().expect("tmp");
-    let empty_path = tempfile::tempdir().expect("tmp");
-    let out = Command::new(exe())
-        .env("SLM_CHAT_PATHS_CACHE_DIR", cache.path())
-        .env("PATH", empty_path.path())
-        .arg("--model")
-        .arg(default_model())
-        .args(["ask", "--scorer", "hybrid", "--max-tokens", "16"])
-        .arg(&file)
-        .arg("What was the lighthouse keeper called?")
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let (ok, stderr) = ask_without_python(
+        cache.path(),
+        "The lighthouse keeper was called Tobias Wren. He kept a grey cat named Pepper.\n",
+        "hybrid",
+        "What was the lighthouse keeper called?",
+    );
+    assert!(ok, "{stderr}");
     let said: Vec<&str> = stderr
         .lines()
         .filter(|l| l.contains("dense search is off, ranking with BM25 alone"))
@@ -231,26 +242,13 @@ fn a_damaged_embedder_is_named_and_search_falls_back() {
         std::fs::copy(embedder_dir().join(f), copy.join(f)).expect("copy");
     }
     std::fs::write(copy.join("tokenizer.json"), b"{}").expect("damage");
-    let dir = tempfile::tempdir().expect("tmp");
-    let file = dir.path().join("note.txt");
-    std::fs::write(
-        &file,
+    let (ok, stderr) = ask_without_python(
+        cache.path(),
         "The ferry to the island leaves at seven every morning.\n",
-    )
-    .expect("write");
-    let empty_path = tempfile::tempdir().expect("tmp");
-    let out = Command::new(exe())
-        .env("SLM_CHAT_PATHS_CACHE_DIR", cache.path())
-        .env("PATH", empty_path.path())
-        .arg("--model")
-        .arg(default_model())
-        .args(["ask", "--scorer", "dense", "--max-tokens", "8"])
-        .arg(&file)
-        .arg("When does the ferry leave?")
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+        "dense",
+        "When does the ferry leave?",
+    );
+    assert!(ok, "{stderr}");
     assert_eq!(
         stderr
             .lines()
