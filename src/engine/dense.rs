@@ -9,21 +9,15 @@ use super::{DenseIndex, EngineError, TreeSession};
 use crate::config::Config;
 use crate::model::{self, Embedder, Llm};
 use crate::store::{self, Tree};
-use crate::tree::search::Scorer;
 
 /// Names the embedder a tree's dense vectors were made with (its weights' checksum).
 const EMBEDDER_ID: &str = "all-MiniLM-L6-v2/53aa51172d14";
-
-/// Whether `scorer` ranks with sentence embeddings.
-pub fn needs_embedder(scorer: Scorer) -> bool {
-    matches!(scorer, Scorer::Dense | Scorer::Hybrid)
-}
 
 /// The embedder for `config`'s scorer, fetched on first use; `None` when the scorer does not
 /// use it, or (said once through `say`) when it cannot be fetched or loaded: search then
 /// ranks with BM25 alone.
 pub fn load_embedder(config: &Config, say: &mut dyn FnMut(&str)) -> Option<Arc<Embedder>> {
-    if !needs_embedder(config.search.scorer) {
+    if !config.search.scorer.is_dense() {
         return None;
     }
     let loaded = model::ensure_embedder(&config.models_dir(), say).and_then(|dir| {

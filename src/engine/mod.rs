@@ -352,8 +352,12 @@ fn rag_passages(
     let texts: Vec<&str> = chunks.iter().map(|c| &doc.text[c.text.clone()]).collect();
     let index = Bm25::new(texts.iter().copied());
     let bm25 = index.scores(question);
-    let scores = match (&settings.embedder, settings.scorer) {
-        (Some(e), Scorer::Dense | Scorer::Hybrid) => {
+    let embedder = settings
+        .embedder
+        .as_ref()
+        .filter(|_| settings.scorer.is_dense());
+    let scores = match embedder {
+        Some(e) => {
             let q = e.embed(&[question])?;
             let dense: Vec<f64> = e
                 .embed_memo(&texts)?
@@ -366,7 +370,7 @@ fn rag_passages(
                 crate::tree::search::fuse(settings.fusion, &bm25, &dense)
             }
         }
-        _ => bm25.clone(),
+        None => bm25.clone(),
     };
     let mut order: Vec<usize> = (0..chunks.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
@@ -376,9 +380,10 @@ fn rag_passages(
     let mut chosen = Vec::new();
     // Chunks sharing no word with the question say nothing about it to BM25: leave them out
     // (dense and hybrid rank every chunk).
-    let lexical =
-        settings.embedder.is_none() || !matches!(settings.scorer, Scorer::Dense | Scorer::Hybrid);
-    for i in order.into_iter().filter(|&i| !lexical || bm25[i] > 0.0) {
+    for i in order
+        .into_iter()
+        .filter(|&i| embedder.is_some() || bm25[i] > 0.0)
+    {
         let cost = chunks[i].tokens.len() + mark.len();
         if used + cost > budget {
             continue;

@@ -254,7 +254,6 @@ impl<'a> TreeSession<'a> {
             on_text,
         )?;
         let plan = &self.tree.manifest().plan;
-        let kv_per_token = plan.config.layers * 2 * plan.kv_dim;
         let mut t = timings(&gen.stats, start);
         // Time to first token counts from the question: search and injection included.
         t.first_token_ms += p.prepare_ms;
@@ -276,17 +275,24 @@ impl<'a> TreeSession<'a> {
             candidates: p.candidates,
             prompt_tokens: self.prefix_len + p.suffix.len(),
             timings: t,
-            memory: Memory {
-                kv_bytes: p.cache.bytes(),
-                weight_bytes: self.llm.model.weight_bytes(),
-                peak_rss_bytes: crate::sys::peak_rss_bytes(),
-                injected_entries: Some(p.entries),
-                injected_bytes: Some(p.entries * kv_per_token * 4),
-                full_attention_kv_bytes: Some(plan.tokens * kv_per_token * 2),
-                store_bytes: Some(self.tree.disk_bytes()),
-                mapped_bytes: Some(self.tree.mapped_bytes()),
-            },
+            memory: self.memory(p.entries, p.cache.bytes()),
         })
+    }
+
+    /// What an answer held: `entries` injected, `kv_bytes` in its cache.
+    fn memory(&self, entries: usize, kv_bytes: usize) -> Memory {
+        let plan = &self.tree.manifest().plan;
+        let kv_per_token = plan.config.layers * 2 * plan.kv_dim;
+        Memory {
+            kv_bytes,
+            weight_bytes: self.llm.model.weight_bytes(),
+            peak_rss_bytes: crate::sys::peak_rss_bytes(),
+            injected_entries: Some(entries),
+            injected_bytes: Some(entries * kv_per_token * 4),
+            full_attention_kv_bytes: Some(plan.tokens * kv_per_token * 2),
+            store_bytes: Some(self.tree.disk_bytes()),
+            mapped_bytes: Some(self.tree.mapped_bytes()),
+        }
     }
 
     /// What `question` would read under `settings`, without running the answer.
@@ -317,7 +323,6 @@ impl<'a> TreeSession<'a> {
         let r = self.retrieve(question, settings, answer_tokens)?;
         let search_ms = start.elapsed().as_secs_f64() * 1e3;
         let plan = &self.tree.manifest().plan;
-        let kv_per_token = plan.config.layers * 2 * plan.kv_dim;
         let entries = r.selected.iter().map(|s| s.entries).sum();
         Ok(Answer {
             answer: String::new(),
@@ -344,16 +349,7 @@ impl<'a> TreeSession<'a> {
                 decode_tokens: 0,
                 total_ms: search_ms,
             },
-            memory: Memory {
-                kv_bytes: 0,
-                weight_bytes: self.llm.model.weight_bytes(),
-                peak_rss_bytes: crate::sys::peak_rss_bytes(),
-                injected_entries: Some(entries),
-                injected_bytes: Some(entries * kv_per_token * 4),
-                full_attention_kv_bytes: Some(plan.tokens * kv_per_token * 2),
-                store_bytes: Some(self.tree.disk_bytes()),
-                mapped_bytes: Some(self.tree.mapped_bytes()),
-            },
+            memory: self.memory(entries, 0),
         })
     }
 
@@ -369,7 +365,7 @@ impl<'a> TreeSession<'a> {
         let plan = &self.tree.manifest().plan;
         let m = &self.llm.model;
         let scorer = match (settings.scorer, &self.dense) {
-            (Scorer::Dense | Scorer::Hybrid, None) => Scorer::Bm25,
+            (s, None) if s.is_dense() => Scorer::Bm25,
             (s, _) => s,
         };
         let (paper, hidden) = if matches!(scorer, Scorer::Paper | Scorer::Hidden) {
@@ -377,10 +373,8 @@ impl<'a> TreeSession<'a> {
         } else {
             (Vec::new(), Vec::new())
         };
-        let (dense_query, dense_vectors) = match (&self.dense, scorer) {
-            (Some(d), Scorer::Dense | Scorer::Hybrid) => {
-                (d.embedder.embed(&[question])?, d.vectors.as_slice())
-            }
+        let (dense_query, dense_vectors) = match &self.dense {
+            Some(d) if scorer.is_dense() => (d.embedder.embed(&[question])?, d.vectors.as_slice()),
             _ => (Vec::new(), &[][..]),
         };
         let index = Index {

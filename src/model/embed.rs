@@ -143,7 +143,7 @@ impl Embedder {
             model,
             tokenizer,
             device: device.clone(),
-            dim: config_dim(dir).unwrap_or(384),
+            dim: config.hidden_size,
             memo: Mutex::new(HashMap::new()),
         })
     }
@@ -214,10 +214,4 @@ impl Embedder {
         let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
         Ok(mean.broadcast_div(&norm)?.flatten_all()?.to_vec1::<f32>()?)
     }
-}
-
-fn config_dim(dir: &Path) -> Option<usize> {
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("config.json")).ok()?).ok()?;
-    v.get("hidden_size")?.as_u64().map(|d| d as usize)
 }

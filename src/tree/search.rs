@@ -31,6 +31,13 @@ pub enum Scorer {
     Hybrid,
 }
 
+impl Scorer {
+    /// Whether it ranks with sentence embeddings (and so needs the embedder).
+    pub fn is_dense(self) -> bool {
+        matches!(self, Self::Dense | Self::Hybrid)
+    }
+}
+
 /// How `hybrid` fuses its two rankings, level by level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
