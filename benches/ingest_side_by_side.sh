@@ -11,7 +11,7 @@ OUT=${1:-target/ingest-side-by-side}
 mkdir -p "$OUT"
 cargo build --release --quiet
 BIN=$PWD/target/release/slm-chat
-MODEL=$($BIN models --fetch 2>/dev/null | awk '/^default/ {print $2}')
+MODEL=$($BIN models --fetch 2>/dev/null | awk 'take {print $1; exit} $1 == "smollm2-135m" {take = 1}')
 BOOK=$OUT/dracula_100k_words.txt
 python3 - "$BOOK" <<'PY'
 import re, sys

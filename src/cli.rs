@@ -24,8 +24,9 @@ use indicatif::{ProgressBar, ProgressStyle};
     about = "Ask questions about long documents and whole books with a small local model"
 )]
 pub struct Args {
-    /// A GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct, fetched on first use).
-    #[arg(long, global = true, value_name = "PATH")]
+    /// A catalogue name (`slm-chat models`), a GGUF file or a Hugging Face folder (default:
+    /// smollm2-135m, fetched on first use).
+    #[arg(long, global = true, value_name = "NAME|PATH")]
     model: Option<PathBuf>,
     /// Where to run: auto, cpu or cuda.
     #[arg(long, global = true, value_name = "DEVICE")]
@@ -134,10 +135,11 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "512,2048,8192")]
         prefill: Vec<usize>,
     },
-    /// List the models slm-chat can use; --fetch downloads the default one now.
+    /// List the models slm-chat knows by name; --fetch downloads the default one (or NAME)
+    /// now.
     Models {
-        #[arg(long)]
-        fetch: bool,
+        #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "")]
+        fetch: Option<String>,
     },
     /// Show where settings come from, or the settings in force.
     Config {
@@ -463,12 +465,10 @@ fn unreachable_worker() -> Result<ExitCode> {
     ))
 }
 
-/// The configured model, or the default one (fetched if missing).
+/// The configured model: a path, a catalogue name, or the default (fetched if missing).
 fn model_path(config: &Config) -> Result<PathBuf> {
-    if !config.model.path.is_empty() {
-        return Ok(PathBuf::from(&config.model.path));
-    }
-    Ok(model::ensure_default_model(
+    Ok(model::resolve_model(
+        &config.model.path,
         &config.models_dir(),
         &mut |m| eprintln!("slm-chat: {m}"),
     )?)
@@ -866,40 +866,67 @@ fn extract(file: &Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::from(doc.exit_code()))
 }
 
-fn models(config: &Config, fetch: bool) -> Result<ExitCode> {
+fn models(config: &Config, fetch: Option<String>) -> Result<ExitCode> {
     let dir = config.models_dir();
-    if fetch {
-        model::ensure_default_model(&dir, &mut |m| eprintln!("slm-chat: {m}"))?;
-        model::ensure_embedder(&dir, &mut |m| eprintln!("slm-chat: {m}"))?;
-    }
-    let default = model::default_model_path(&dir);
-    let state = |ready: bool| {
-        if ready {
-            "ready"
-        } else {
-            "not downloaded yet (fetched on first use, or run `slm-chat models --fetch`)"
+    let say = &mut |m: &str| eprintln!("slm-chat: {m}");
+    match fetch.as_deref() {
+        None => {}
+        Some("") => {
+            model::ensure_default_model(&dir, say)?;
+            model::ensure_embedder(&dir, say)?;
         }
-    };
-    println!(
-        "default  {}  {}",
-        default.display(),
-        state(model::default_model_present(&dir))
-    );
+        Some(name) => {
+            let Some(m) = model::catalogue_model(name) else {
+                let known: Vec<&str> = model::CATALOGUE.iter().map(|m| m.name).collect();
+                return Err(Exit {
+                    message: format!(
+                        "unknown model '{name}': the catalogue has {}",
+                        known.join(", ")
+                    ),
+                    code: 2,
+                }
+                .into());
+            };
+            model::ensure_model(m, &dir, say)?;
+        }
+    }
+    let state = |ready: bool| if ready { "ready" } else { "not downloaded" };
+    println!("models folder: {}", dir.display());
+    for m in model::CATALOGUE {
+        println!(
+            "{:<20} {:>6} MB  {:<15} {}",
+            m.name,
+            m.bytes / 1_000_000,
+            state(m.present(&dir)),
+            m.about
+        );
+        println!("{:<20} {}", "", m.path(&dir).display());
+        println!("{:<20} {} · SHA-256 {}", "", m.source(), m.sha256);
+    }
     let embedder = dir.join(model::EMBEDDER_DIR);
     println!(
-        "embedder {}  {} (dense search)",
-        embedder.display(),
+        "(embedder)               88 MB  {:<15} all-MiniLM-L6-v2 sentence embedder, for dense search",
         state(model::embedder_present(&dir))
     );
+    println!("{:<20} {}", "", embedder.display());
     if !config.model.path.is_empty() {
         let p = Path::new(&config.model.path);
-        let state = if p.exists() { "found" } else { "missing" };
-        println!("selected {}  {state}", p.display());
+        let state = if p.exists() || model::catalogue_model(&config.model.path).is_some() {
+            "known"
+        } else {
+            "missing"
+        };
+        println!("selected: {}  {state}", config.model.path);
     }
+    let listed: Vec<PathBuf> = model::CATALOGUE
+        .iter()
+        .map(|m| m.path(&dir))
+        .chain([embedder])
+        .collect();
     if let Ok(entries) = std::fs::read_dir(&dir) {
         let mut others: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p != &default && p != &embedder)
+            .filter(|p| !listed.contains(p))
             .filter(|p| {
                 p.extension().is_some_and(|x| x == "gguf") || p.join("config.json").is_file()
             })
@@ -909,6 +936,8 @@ fn models(config: &Config, fetch: bool) -> Result<ExitCode> {
             println!("cached   {}", p.display());
         }
     }
+    println!("Catalogue models download on first use (--model NAME) or with `slm-chat models --fetch NAME`.");
+    println!("The Qwen2.5-Coder models are coder-tuned: they are here to measure speed, memory and the pipeline on bigger models.");
     println!("(any LLaMA-family GGUF file or Hugging Face folder works with --model PATH)");
     Ok(ExitCode::SUCCESS)
 }

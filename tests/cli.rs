@@ -266,6 +266,83 @@ fn gguf_with_arch(arch: &str) -> Vec<u8> {
     b
 }
 
+/// A llama GGUF header with one tensor `blk.0.attn_q.weight` of type id `ty` (and 64 bytes
+/// of data).
+fn gguf_with_tensor(ty: u32) -> Vec<u8> {
+    let mut b = gguf_with_arch("llama");
+    b[8..16].copy_from_slice(&1u64.to_le_bytes()); // one tensor
+    let name = "blk.0.attn_q.weight";
+    b.extend_from_slice(&(name.len() as u64).to_le_bytes());
+    b.extend_from_slice(name.as_bytes());
+    b.extend_from_slice(&2u32.to_le_bytes());
+    b.extend_from_slice(&32u64.to_le_bytes());
+    b.extend_from_slice(&2u64.to_le_bytes());
+    b.extend_from_slice(&ty.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    b.resize(b.len().next_multiple_of(32) + 64, 0);
+    b
+}
+
+#[test]
+fn an_unsupported_tensor_type_names_the_tensor_and_the_type() {
+    // 20 is IQ4_NL, which neither candle nor slm-chat reads.
+    let (_dir, path) = temp_file("iq4.gguf", &gguf_with_tensor(20));
+    let out = run(&["bench"], &path);
+    assert_one_line_error(&out, "tensor 'blk.0.attn_q.weight' has type IQ4_NL");
+    assert_eq!(out.code, 2);
+}
+
+#[test]
+fn an_unknown_catalogue_name_lists_the_known_ones() {
+    let out = run(&["bench"], Path::new("qwen9-giant"));
+    assert_one_line_error(&out, "unknown model 'qwen9-giant'");
+    assert!(out
+        .stderr
+        .contains("smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b"));
+    assert_eq!(out.code, 2);
+    let out = run_env(&["models", "--fetch", "qwen9-giant"], &[]);
+    assert_one_line_error(&out, "the catalogue has smollm2-135m");
+    assert_eq!(out.code, 2);
+}
+
+/// Qwen2.5-Coder-0.5B end to end through the binary: read into a tree, answered from it.
+/// The page of the sample that holds the answer keeps the test short (the whole sample takes
+/// minutes to read with a model 4× the default's size).
+#[test]
+fn qwen_0_5b_answers_the_readme_question_from_the_tree() {
+    let cache = tempfile::tempdir().expect("tmp");
+    let model = crate::util::qwen_model();
+    let text = std::fs::read_to_string(sample()).expect("sample");
+    let page: Vec<&str> = text.lines().skip(1239).take(81).collect();
+    assert!(page.join("\n").contains("4 pounds a week"));
+    let (_dir, file) = temp_file("red-headed-league.txt", page.join("\n").as_bytes());
+    let out = run_env(
+        &[
+            "--model",
+            model.to_str().expect("utf-8"),
+            "ask",
+            file.to_str().expect("utf-8"),
+            "How much did the Red-Headed League pay per week?",
+            "--json",
+            "--max-tokens",
+            "32",
+        ],
+        &[(
+            "SLM_CHAT_PATHS_CACHE_DIR",
+            cache.path().to_str().expect("utf-8"),
+        )],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("one JSON object");
+    let answer = v["answer"].as_str().unwrap_or("").to_lowercase();
+    assert!(
+        answer.contains("4 pounds") || answer.contains("£4"),
+        "{answer}"
+    );
+    assert!(!answer.contains("<|im_end|>"), "{answer}");
+    assert_eq!(v["method"], "tree");
+}
+
 #[test]
 fn an_unsupported_architecture_is_one_clear_line() {
     let (_dir, path) = temp_file("gemma.gguf", &gguf_with_arch("gemma3"));
@@ -303,9 +380,9 @@ fn first_run_fetches_the_default_model_into_an_empty_cache() {
     let path = dir
         .path()
         .join("models")
-        .join(slm_chat::model::DEFAULT_MODEL_FILE);
+        .join(slm_chat::model::default_model().file);
     let sha = slm_chat::model::sha256_file(&path).expect("installed");
-    assert_eq!(sha, slm_chat::model::DEFAULT_MODEL_SHA256);
+    assert_eq!(sha, slm_chat::model::default_model().sha256);
     // The sentence embedder for dense search comes with it, checked by its own checksums.
     assert!(
         out.stderr.contains("downloading the sentence embedder"),
@@ -324,7 +401,7 @@ fn first_run_fetches_the_default_model_into_an_empty_cache() {
     assert_eq!(
         entries,
         [
-            slm_chat::model::DEFAULT_MODEL_FILE,
+            slm_chat::model::default_model().file,
             slm_chat::model::EMBEDDER_DIR
         ]
     );

@@ -12,7 +12,11 @@ use slm_chat::store::Tree;
 use slm_chat::tree::layout::{entries, level_rows, node_number, node_spans};
 use slm_chat::tree::search::Selected;
 
-use crate::util::{default_model, greedy, llm, shared};
+use std::path::Path;
+
+use slm_chat::model::Llm;
+
+use crate::util::{default_model, greedy, llm, qwen, qwen_model, shared};
 
 struct Built {
     _cache: tempfile::TempDir,
@@ -21,6 +25,16 @@ struct Built {
 }
 
 fn build(chars: usize, chunk_tokens: usize, full_kv: FullKv) -> Built {
+    build_with(llm(), &default_model(), chars, chunk_tokens, full_kv)
+}
+
+fn build_with(
+    llm: &Llm,
+    model: &Path,
+    chars: usize,
+    chunk_tokens: usize,
+    full_kv: FullKv,
+) -> Built {
     let text = std::fs::read_to_string(shared().join("corpus/books/emma.txt")).expect("book");
     let start = text.find("Emma Woodhouse, handsome").unwrap_or(0);
     let dir = tempfile::tempdir().expect("tmp");
@@ -29,11 +43,11 @@ fn build(chars: usize, chunk_tokens: usize, full_kv: FullKv) -> Built {
     let cache = tempfile::tempdir().expect("tmp");
     let mut config = Config::default();
     config.paths.cache_dir = cache.path().to_string_lossy().into_owned();
-    config.model.path = default_model().to_string_lossy().into_owned();
+    config.model.path = model.to_string_lossy().into_owned();
     config.tree.chunk_tokens = chunk_tokens;
     config.store.full_kv = full_kv;
     let (tree, _) = open_or_build(
-        llm(),
+        llm,
         &file,
         &config,
         false,
@@ -83,6 +97,10 @@ struct TreeRun {
 
 /// Logits after the suffix, through the tree.
 fn tree_logits(built: Built, chunk_check: impl Fn(&Tree)) -> TreeRun {
+    tree_logits_with(llm(), built, chunk_check)
+}
+
+fn tree_logits_with(llm: &Llm, built: Built, chunk_check: impl Fn(&Tree)) -> TreeRun {
     chunk_check(&built.tree);
     let doc = built.tree.tokens().to_vec();
     let chunks: Vec<(usize, usize)> = built
@@ -93,7 +111,7 @@ fn tree_logits(built: Built, chunk_check: impl Fn(&Tree)) -> TreeRun {
         .iter()
         .map(|c| c.tokens())
         .collect();
-    let mut session = TreeSession::new(llm(), built.tree).expect("session");
+    let mut session = TreeSession::new(llm, built.tree).expect("session");
     let mut p = session
         .prepare(QUESTION, &everything(), 32)
         .expect("prepare");
@@ -103,10 +121,7 @@ fn tree_logits(built: Built, chunk_check: impl Fn(&Tree)) -> TreeRun {
     );
     assert_eq!(p.entries, doc.len());
     assert_eq!(p.reread_tokens, 0, "stored KV, nothing read as text");
-    let logits = llm()
-        .model
-        .prefill(&p.suffix, &mut p.cache)
-        .expect("suffix");
+    let logits = llm.model.prefill(&p.suffix, &mut p.cache).expect("suffix");
     TreeRun {
         logits,
         doc,
@@ -137,6 +152,29 @@ fn check_a_tree_answer_equals_a_plain_forward() {
     // holds a rounded key rotated and rounded again, where the plain forward rounds once.
     // Keys reach |k| ≈ 100 here, where one f16 step is 0.06; measured 0.74 on logits of
     // magnitude ~20, with the same greedy token. With f32 KV (model-level test) it is exact.
+    assert!(d < 1.0, "max |Δlogit| {d}");
+    assert_eq!(argmax(&got), argmax(&want));
+}
+
+/// Check A on Qwen2.5-Coder-0.5B: the qwen2 biases, NEOX rope, its chat template and the
+/// K-quant kernels through the same tree path.
+#[test]
+fn check_a_holds_on_qwen_0_5b() {
+    let built = build_with(qwen(), &qwen_model(), 1_200, 512, FullKv::Always);
+    let TreeRun {
+        logits: got,
+        doc,
+        suffix,
+        ..
+    } = tree_logits_with(qwen(), built, |t| {
+        assert_eq!(t.manifest().plan.chunks.len(), 1, "one chunk");
+    });
+    let m = &qwen().model;
+    let all = [sink_prefix(qwen()).expect("sink"), doc, suffix].concat();
+    let want = m.prefill(&all, &mut m.new_cache()).expect("plain");
+    let d = max_diff(&got, &want);
+    eprintln!("check A on Qwen 0.5B through the store: max |Δlogit| = {d}");
+    // f16 KV in the store, as for the default model above.
     assert!(d < 1.0, "max |Δlogit| {d}");
     assert_eq!(argmax(&got), argmax(&want));
 }

@@ -33,6 +33,28 @@ pub fn llm() -> &'static slm_chat::model::Llm {
     })
 }
 
+/// Qwen2.5-Coder-0.5B (qwen2: biases, NEOX rope, Q5_0/Q8_0/Q4_K/Q6_K blocks), from the
+/// catalogue through the same code path `--model qwen2.5-coder-0.5b` uses.
+pub fn qwen_model() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let config = Config::load(None).expect("settings load");
+        let m = slm_chat::model::catalogue_model("qwen2.5-coder-0.5b").expect("in the catalogue");
+        slm_chat::model::ensure_model(m, &config.models_dir(), &mut |m| eprintln!("{m}")).expect(
+            "Qwen2.5-Coder-0.5B is available (run .ci/run or `slm-chat models --fetch qwen2.5-coder-0.5b`)",
+        )
+    })
+    .clone()
+}
+
+/// The real Qwen2.5-Coder-0.5B, loaded once per test binary on the CPU.
+pub fn qwen() -> &'static slm_chat::model::Llm {
+    static LLM: OnceLock<slm_chat::model::Llm> = OnceLock::new();
+    LLM.get_or_init(|| {
+        slm_chat::model::load(&qwen_model(), &candle_core::Device::Cpu).expect("model loads")
+    })
+}
+
 /// Greedy decoding of at most `max_tokens`: the same answer every run.
 pub fn greedy(max_tokens: usize) -> slm_chat::model::SamplingParams {
     slm_chat::model::SamplingParams {

@@ -138,13 +138,9 @@ pub(super) fn run(
 fn load_model(opts: &SessionOptions, out: &Reporter) -> anyhow::Result<Llm> {
     out.progress(Stage::Model, "loading the model");
     let config = &opts.config;
-    let path = if config.model.path.is_empty() {
-        model::ensure_default_model(&config.models_dir(), &mut |m| {
-            out.progress(Stage::Model, m);
-        })?
-    } else {
-        config.model.path.clone().into()
-    };
+    let path = model::resolve_model(&config.model.path, &config.models_dir(), &mut |m| {
+        out.progress(Stage::Model, m);
+    })?;
     let device = model::select_device(config.model.device)?;
     Ok(model::load(&path, &device)?)
 }

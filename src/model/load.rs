@@ -13,8 +13,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{Config, HfConfig, RopeScaling, RopeStyle};
-use super::quant::QuantMatrix;
-use super::transformer::{Attention, Block, Fused, Linear, Mlp, Model, Weights};
+use super::quant::{QuantMatrix, Unsupported};
+use super::transformer::{Attention, Block, Embedding, Fused, Linear, Mlp, Model, Weights};
 use super::{first_line, ModelError, Result};
 
 /// GGUF architectures whose blocks are the LLaMA block.
@@ -133,17 +133,23 @@ fn build(config: Config, device: &Device, src: &mut dyn Source, tied: bool) -> R
             mlp,
         });
     }
-    let embed = src.get(Weight::Embed, &[c.vocab_size, d])?;
+    let embed_w = src.get_linear(Weight::Embed, &[c.vocab_size, d])?;
+    let embed = match &embed_w {
+        Weights::Quant(m) => Embedding::Quant(m.clone()),
+        Weights::Dense(t) => Embedding::Dense(t.clone()),
+        // A GPU lookup needs a plain tensor.
+        Weights::Candle(_) => Embedding::Dense(src.get(Weight::Embed, &[c.vocab_size, d])?),
+    };
     let norm = src.get(Weight::OutputNorm, &[d])?;
     // Tied models reuse the embedding table as the output head (same storage, no copy).
     let tied = tied || !src.has(Weight::Output);
-    let head_weight = if tied { Weight::Embed } else { Weight::Output };
-    let head = match src.get_linear(head_weight, &[c.vocab_size, d])? {
-        // A dense tied head is the embedding tensor itself: share it, do not copy it.
-        Weights::Dense(_) if tied => Weights::Dense(embed.clone()),
-        other => other,
+    let head = if tied {
+        embed_w
+    } else {
+        src.get_linear(Weight::Output, &[c.vocab_size, d])?
     };
-    let tied_dense = tied && matches!(head, Weights::Dense(_));
+    // Only a GPU head sits apart from the lookup table.
+    let shared = tied && !matches!(head, Weights::Candle(_));
     let head = Linear::new(head, None);
     Ok(Model::assemble(
         config,
@@ -152,7 +158,7 @@ fn build(config: Config, device: &Device, src: &mut dyn Source, tied: bool) -> R
         blocks,
         norm,
         head,
-        tied_dense,
+        shared,
     ))
 }
 
@@ -204,8 +210,16 @@ impl Source for GgufSource<'_> {
         let q = self.content.tensor(self.reader, &name, &Device::Cpu)?;
         if self.device.is_cpu() {
             let data = q.data()?;
-            if let Some(m) = QuantMatrix::from_gguf(q.dtype(), shape[0], shape[1], &data) {
-                return Ok(Weights::Quant(std::sync::Arc::new(m)));
+            match QuantMatrix::from_gguf(q.dtype(), shape[0], shape[1], &data) {
+                Ok(m) => return Ok(Weights::Quant(std::sync::Arc::new(m))),
+                // The rarer formats (Q5_1, Q2_K, Q3_K, f16) are multiplied as f32.
+                Err(Unsupported::Format) => {}
+                Err(e) => {
+                    return Err(ModelError::Format(format!(
+                        "tensor '{name}' ({:?}, {shape:?}) is damaged: {e}",
+                        q.dtype()
+                    )))
+                }
             }
         } else if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
             let q = self.content.tensor(self.reader, &name, self.device)?;
@@ -249,20 +263,31 @@ impl GgufFile {
         let file_len = file.metadata()?.len();
         let mut reader = BufReader::new(file);
         let content = gguf_file::Content::read(&mut reader).map_err(|e| {
+            // candle stops at a tensor type it does not know without naming the tensor.
+            if let Some((name, ty)) = unknown_tensor_type(path) {
+                return ModelError::Format(format!(
+                    "tensor '{name}' has type {}, which slm-chat cannot read; use a GGUF with \
+                     Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K (or F16/F32) weights",
+                    ggml_type_name(ty)
+                ));
+            }
             ModelError::Format(format!("not a readable GGUF file ({})", first_line(&e)))
         })?;
         // A file cut short parses its header fine and fails deep inside a tensor read;
         // check every tensor's extent up front so the message says what is wrong.
-        let mut end = content.tensor_data_offset;
-        for info in content.tensor_infos.values() {
+        let mut infos: Vec<_> = content.tensor_infos.iter().collect();
+        infos.sort_by_key(|(_, info)| info.offset);
+        for (name, info) in infos {
             let elems = info.shape.elem_count();
             let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-            end = end.max(content.tensor_data_offset + info.offset + bytes as u64);
-        }
-        if !content.tensor_infos.is_empty() && end > file_len {
-            return Err(ModelError::Format(format!(
-                "the file is truncated: its tensors need {end} bytes, it has {file_len}"
-            )));
+            let end = content.tensor_data_offset + info.offset + bytes as u64;
+            if end > file_len {
+                return Err(ModelError::Format(format!(
+                    "the file is truncated: tensor '{name}' ({:?}) needs bytes up to {end}, \
+                     the file has {file_len}",
+                    info.ggml_dtype
+                )));
+            }
         }
         Ok(Self { content, reader })
     }
@@ -416,4 +441,116 @@ fn mmap_safetensors(files: &[PathBuf], device: &Device) -> Result<VarBuilder<'st
     // SAFETY: the files are mapped read-only for the model's lifetime; slm-chat never writes
     // them, and a user changing a checkpoint while it is loaded is outside what we support.
     Ok(unsafe { VarBuilder::from_mmaped_safetensors(files, DType::F32, device)? })
+}
+
+/// ggml's name for a tensor type id (the ones slm-chat does not read included).
+fn ggml_type_name(ty: u32) -> String {
+    const NAMES: [&str; 40] = [
+        "F32",
+        "F16",
+        "Q4_0",
+        "Q4_1",
+        "Q4_2",
+        "Q4_3",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+        "Q8_1",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+        "Q8_K",
+        "IQ2_XXS",
+        "IQ2_XS",
+        "IQ3_XXS",
+        "IQ1_S",
+        "IQ4_NL",
+        "IQ3_S",
+        "IQ2_S",
+        "IQ4_XS",
+        "I8",
+        "I16",
+        "I32",
+        "I64",
+        "F64",
+        "IQ1_M",
+        "BF16",
+        "Q4_0_4_4",
+        "Q4_0_4_8",
+        "Q4_0_8_8",
+        "TQ1_0",
+        "TQ2_0",
+        "IQ4_NL_4_4",
+        "IQ4_NL_4_8",
+        "IQ4_NL_8_8",
+        "MXFP4",
+    ];
+    NAMES
+        .get(ty as usize)
+        .map_or_else(|| format!("#{ty}"), |n| n.to_string())
+}
+
+/// The first tensor whose type candle does not know, read from the GGUF header directly
+/// (only to name it in the error).
+fn unknown_tensor_type(path: &Path) -> Option<(String, u32)> {
+    use std::io::Read;
+    let mut r = BufReader::new(File::open(path).ok()?);
+    fn u32_(r: &mut BufReader<File>) -> Option<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b).ok().map(|_| u32::from_le_bytes(b))
+    }
+    fn u64_(r: &mut BufReader<File>) -> Option<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b).ok().map(|_| u64::from_le_bytes(b))
+    }
+    fn string(r: &mut BufReader<File>) -> Option<String> {
+        let n = u64_(r)?;
+        let mut b = Vec::new();
+        r.take(n).read_to_end(&mut b).ok()?;
+        (b.len() as u64 == n).then(|| String::from_utf8_lossy(&b).into_owned())
+    }
+    fn skip_value(r: &mut BufReader<File>, ty: u32, depth: u32) -> Option<()> {
+        let fixed = match ty {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            10..=12 => 8,
+            8 => return string(r).map(|_| ()),
+            9 if depth < 4 => {
+                let item = u32_(r)?;
+                for _ in 0..u64_(r)? {
+                    skip_value(r, item, depth + 1)?;
+                }
+                return Some(());
+            }
+            _ => return None,
+        };
+        std::io::copy(&mut r.take(fixed), &mut std::io::sink()).ok()?;
+        Some(())
+    }
+    if u32_(&mut r)? != u32::from_le_bytes(*b"GGUF") || u32_(&mut r)? < 2 {
+        return None;
+    }
+    let (tensors, kvs) = (u64_(&mut r)?, u64_(&mut r)?);
+    for _ in 0..kvs {
+        string(&mut r)?;
+        let ty = u32_(&mut r)?;
+        skip_value(&mut r, ty, 0)?;
+    }
+    for _ in 0..tensors {
+        let name = string(&mut r)?;
+        let dims = u32_(&mut r)?;
+        for _ in 0..dims {
+            u64_(&mut r)?;
+        }
+        let ty = u32_(&mut r)?;
+        u64_(&mut r)?;
+        // The type ids candle's reader knows.
+        if !matches!(ty, 0..=3 | 6..=15 | 30) {
+            return Some((name, ty));
+        }
+    }
+    None
 }

@@ -27,8 +27,8 @@ pub use chat::{ChatTemplate, Message};
 pub use config::{Config, RopeScaling, RopeStyle};
 pub use embed::{embedder_present, ensure_embedder, Embedder, EMBEDDER_DIR, MAX_PIECES};
 pub use fetch::{
-    default_model_path, default_model_present, ensure_default_model, sha256_file,
-    DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256,
+    catalogue_model, default_model, ensure_default_model, ensure_model, resolve_model, sha256_file,
+    CatalogueModel, CATALOGUE,
 };
 pub use generate::{
     argmax, generate, Generation, GenerationStats, Sampler, SamplingParams, StopReason,

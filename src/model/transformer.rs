@@ -39,6 +39,17 @@ pub(crate) enum Weights {
     Candle(QMatMul),
 }
 
+/// The token embedding table.
+#[derive(Debug)]
+pub(crate) enum Embedding {
+    /// f32 on the model's device.
+    Dense(Tensor),
+    /// GGUF blocks on the CPU, each looked-up row dequantized: the table is the largest
+    /// tensor of a small model with a big vocabulary (Qwen2.5: 152K rows), and as f32 it
+    /// would take 4–7× its file size.
+    Quant(Arc<QuantMatrix>),
+}
+
 /// A projection `y = x Wᵀ + b`.
 #[derive(Debug)]
 pub(crate) struct Linear {
@@ -249,14 +260,14 @@ pub struct ForwardOutput {
 pub struct Model {
     pub(crate) config: Config,
     pub(crate) device: Device,
-    /// `(vocab, d_model)` f32 lookup table.
-    pub(crate) embed: Tensor,
+    /// `(vocab, d_model)` lookup table.
+    pub(crate) embed: Embedding,
     pub(crate) blocks: Vec<Block>,
     pub(crate) norm: Tensor,
     pub(crate) head: Linear,
     pub(crate) attention_block: usize,
-    /// The output head is the embedding tensor itself (no separate copy in memory).
-    pub(crate) tied_dense: bool,
+    /// The output head is the embedding table itself (no separate copy in memory).
+    pub(crate) tied: bool,
     /// Round Q, K, V and attention probabilities to f16, as llama.cpp does with its f16 KV
     /// cache. GGUF models run llama.cpp's numerics so their greedy answers stay next to
     /// llama.cpp's (BENCHMARKS.md, parity); safetensors models stay in f32 like transformers.
@@ -267,11 +278,11 @@ impl Model {
     pub(crate) fn assemble(
         config: Config,
         device: Device,
-        embed: Tensor,
+        embed: Embedding,
         blocks: Vec<Block>,
         norm: Tensor,
         head: Linear,
-        tied_dense: bool,
+        tied: bool,
     ) -> Self {
         Self {
             config,
@@ -281,7 +292,7 @@ impl Model {
             norm,
             head,
             attention_block: DEFAULT_ATTENTION_BLOCK,
-            tied_dense,
+            tied,
             kv_f16: false,
         }
     }
@@ -318,8 +329,20 @@ impl Model {
                 self.config.vocab_size
             )));
         }
-        let ids = Tensor::new(tokens, &self.device)?;
-        Ok(self.embed.index_select(&ids, 0)?)
+        match &self.embed {
+            Embedding::Dense(t) => {
+                let ids = Tensor::new(tokens, &self.device)?;
+                Ok(t.index_select(&ids, 0)?)
+            }
+            Embedding::Quant(m) => {
+                let rows: Vec<f32> = tokens.iter().flat_map(|&t| m.row(t as usize)).collect();
+                Ok(Tensor::from_vec(
+                    rows,
+                    (tokens.len(), m.cols()),
+                    &self.device,
+                )?)
+            }
+        }
     }
 
     /// Run `f.layers` over hidden states `x` `(n, d_model)`.
@@ -541,12 +564,12 @@ impl Model {
                     + m.down.bytes()
             })
             .sum();
-        let head = if self.tied_dense {
-            0
-        } else {
-            self.head.bytes()
+        let head = if self.tied { 0 } else { self.head.bytes() };
+        let embed = match &self.embed {
+            Embedding::Dense(t) => size(t),
+            Embedding::Quant(m) => m.bytes(),
         };
-        size(&self.embed) + size(&self.norm) + head + blocks
+        embed + size(&self.norm) + head + blocks
     }
 }
 
