@@ -1,9 +1,10 @@
 //! GGUF's K-quants (Q4_K, Q5_K, Q6_K): super-blocks of 256 weights in sub-blocks with their
 //! own small scales, multiplied against activations quantized to Q8_K, as ggml pairs them.
 //!
-//! A super-block's integer part (each sub-block's dot product times its scale) is exact in
-//! i32, so the SIMD paths compute only that and every path applies the f32 scales through the
-//! same two functions ([`with_mins`], [`scaled`]): scalar and SIMD agree bit for bit.
+//! Each super-block gives 8 lanes of exact i32 sums (lane k: every sub-block's products at
+//! bytes 4k..4k+4 of its 32, times the sub-block's scale), added into 8 f32 lanes by one FMA
+//! with the super-block's scale, as ggml does; the mins go into one f32 sum. The scalar path
+//! builds the same lanes and adds them in the same order: scalar and SIMD agree bit for bit.
 
 use super::ActRow;
 
@@ -117,7 +118,11 @@ impl Q5K {
         let s = e / 32;
         let l = e % 32;
         let byte = self.qs[32 * (s / 2) + l];
-        let low = if s.is_multiple_of(2) { byte & 0xF } else { byte >> 4 };
+        let low = if s.is_multiple_of(2) {
+            byte & 0xF
+        } else {
+            byte >> 4
+        };
         low | (((self.qh[l] >> s) & 1) << 4)
     }
 
@@ -201,275 +206,295 @@ fn mins(m: &[u8; 8], bsums: &[i16; 16]) -> i32 {
         .sum()
 }
 
-/// Q6_K's −32 offset: Σ scale × (sum of the activations under it) × 32.
-fn offset6(sc: &[i8; 16], bsums: &[i16; 16]) -> i32 {
-    32 * (0..16).map(|j| sc[j] as i32 * bsums[j] as i32).sum::<i32>()
+/// Lane k of Q6_K's −32 offset: 32 × Σ scale × (sum of its 16 activations) over the sums
+/// 2k and 2k+1 (the lanes of `vpmaddwd` on the 16 scales and the 16 sums).
+fn offset6(sc: &[i8; 16], bsums: &[i16; 16], k: usize) -> i32 {
+    32 * (sc[2 * k] as i32 * bsums[2 * k] as i32 + sc[2 * k + 1] as i32 * bsums[2 * k + 1] as i32)
 }
 
-/// Add one Q4_K/Q5_K super-block to `acc` (every kernel ends each super-block here).
-#[inline(always)]
-fn with_mins(acc: f32, da: f32, d: f32, dmin: f32, sumi: i32, summ: i32) -> f32 {
-    acc + da * d * sumi as f32 - da * dmin * summ as f32
-}
-
-/// Add one Q6_K super-block to `acc`.
-#[inline(always)]
-fn scaled(acc: f32, da: f32, d: f32, sumi: i32) -> f32 {
-    acc + da * d * sumi as f32
-}
-
-/// Activation chunk `c` (of 32) of super-block `b`.
-fn chunk<'a>(a: &ActRow<'a>, b: usize, c: usize) -> &'a [i8; 32] {
-    &a.qs[b * 8 + c]
+/// The 8 lanes of f32 sums, in ggml's `hsum_float_8` order (as the SIMD kernels end).
+fn hsum8(acc: [f32; 8]) -> f32 {
+    let r: [f32; 4] = std::array::from_fn(|i| acc[i] + acc[i + 4]);
+    (r[0] + r[2]) + (r[1] + r[3])
 }
 
 pub(super) mod scalar {
     use super::*;
 
-    pub(in super::super) fn dot_q4k(w: &[Q4K], a: &ActRow) -> f32 {
-        let mut acc = 0f32;
-        for (b, blk) in w.iter().enumerate() {
-            let mut sumi = 0i32;
-            for s in 0..8 {
-                let x = chunk(a, b, s);
-                let dot: i32 = (0..32)
-                    .map(|l| blk.q(32 * s + l) as i32 * x[l] as i32)
-                    .sum();
-                sumi += blk.sc[s] as i32 * dot;
-            }
-            let summ = mins(&blk.m, &a.bsums[b]);
-            acc = with_mins(acc, a.d[b], blk.d, blk.dmin, sumi, summ);
+    /// Lane k of a super-block: Σ over its 8 chunks of 32 of scale(e) · q(e) · x(e) for
+    /// the elements e at bytes 4k..4k+4 of each chunk.
+    fn lanes(q: impl Fn(usize) -> i32, scale: impl Fn(usize) -> i32, x: &[[i8; 32]]) -> [i32; 8] {
+        std::array::from_fn(|k| {
+            (0..8)
+                .map(|c| {
+                    (4 * k..4 * k + 4)
+                        .map(|l| scale(32 * c + l) * q(32 * c + l) * x[c][l] as i32)
+                        .sum::<i32>()
+                })
+                .sum()
+        })
+    }
+
+    /// Add a super-block's lanes, scaled, into `acc` (by FMA, as `vfmadd` does).
+    fn add_lanes(acc: &mut [f32; 8], scale: f32, lanes: [i32; 8]) {
+        for (a, l) in acc.iter_mut().zip(lanes) {
+            *a = scale.mul_add(l as f32, *a);
         }
-        acc
+    }
+
+    pub(in super::super) fn dot_q4k(w: &[Q4K], a: &ActRow) -> f32 {
+        let (mut acc, mut accm) = ([0f32; 8], 0f32);
+        for (b, blk) in w.iter().enumerate() {
+            let x = &a.qs[b * 8..b * 8 + 8];
+            let l = lanes(|e| blk.q(e) as i32, |e| blk.sc[e / 32] as i32, x);
+            add_lanes(&mut acc, a.d[b] * blk.d, l);
+            accm += a.d[b] * blk.dmin * mins(&blk.m, &a.bsums[b]) as f32;
+        }
+        hsum8(acc) - accm
     }
 
     pub(in super::super) fn dot_q5k(w: &[Q5K], a: &ActRow) -> f32 {
-        let mut acc = 0f32;
+        let (mut acc, mut accm) = ([0f32; 8], 0f32);
         for (b, blk) in w.iter().enumerate() {
-            let mut sumi = 0i32;
-            for s in 0..8 {
-                let x = chunk(a, b, s);
-                let dot: i32 = (0..32)
-                    .map(|l| blk.q(32 * s + l) as i32 * x[l] as i32)
-                    .sum();
-                sumi += blk.sc[s] as i32 * dot;
-            }
-            let summ = mins(&blk.m, &a.bsums[b]);
-            acc = with_mins(acc, a.d[b], blk.d, blk.dmin, sumi, summ);
+            let x = &a.qs[b * 8..b * 8 + 8];
+            let l = lanes(|e| blk.q(e) as i32, |e| blk.sc[e / 32] as i32, x);
+            add_lanes(&mut acc, a.d[b] * blk.d, l);
+            accm += a.d[b] * blk.dmin * mins(&blk.m, &a.bsums[b]) as f32;
         }
-        acc
+        hsum8(acc) - accm
     }
 
     pub(in super::super) fn dot_q6k(w: &[Q6K], a: &ActRow) -> f32 {
-        let mut acc = 0f32;
+        let mut acc = [0f32; 8];
         for (b, blk) in w.iter().enumerate() {
-            let mut sumi = 0i32;
-            for s in 0..16 {
-                let x = &chunk(a, b, s / 2)[16 * (s % 2)..16 * (s % 2) + 16];
-                let dot: i32 = (0..16)
-                    .map(|l| blk.q(16 * s + l) as i32 * x[l] as i32)
-                    .sum();
-                sumi += blk.sc[s] as i32 * dot;
+            let x = &a.qs[b * 8..b * 8 + 8];
+            let mut l = lanes(|e| blk.q(e) as i32, |e| blk.sc[e / 16] as i32, x);
+            for (k, v) in l.iter_mut().enumerate() {
+                *v -= offset6(&blk.sc, &a.bsums[b], k);
             }
-            sumi -= offset6(&blk.sc, &a.bsums[b]);
-            acc = scaled(acc, a.d[b], blk.d, sumi);
+            add_lanes(&mut acc, a.d[b] * blk.d, l);
         }
-        acc
+        hsum8(acc)
     }
 }
 
-/// The K-quant kernels for one x86 feature set. `$scales(lo, hi)` builds the per-lane scale
-/// vector (`lo` for bytes 0..16, `hi` for 16..32) and `$scaled_sums(w, a, s)` gives 8 i32
-/// lanes, each 4 adjacent u8 × i8 products times its scale; both variants give the same
-/// integers, and only integers leave the loop.
-#[cfg(target_arch = "x86_64")]
-macro_rules! k_kernels {
-    ($features:literal, $scales:ident, $scaled_sums:ident) => {
-        #[target_feature(enable = $features)]
-        unsafe fn hsum_i32(v: __m256i) -> i32 {
-            let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-            let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01));
-            _mm_cvtsi128_si32(s)
-        }
-
-        #[target_feature(enable = $features)]
-        unsafe fn load(p: *const u8) -> __m256i {
-            _mm256_loadu_si256(p as *const __m256i)
-        }
-
-        /// # Safety
-        /// The CPU must have this module's features; every row of `a` holds `w.len()`
-        /// super-blocks (asserted by the caller).
-        #[target_feature(enable = $features)]
-        pub(in super::super) unsafe fn dot_q4k<const R: usize>(
-            w: &[Q4K],
-            a: &[ActRow; R],
-            out: &mut [f32],
-        ) {
-            let low = _mm256_set1_epi8(0x0F);
-            let mut acc = [0f32; R];
-            for (b, blk) in w.iter().enumerate() {
-                let mut sumi = [_mm256_setzero_si256(); R];
-                for j in 0..4 {
-                    let packed = load(blk.qs.as_ptr().add(32 * j));
-                    let lo = _mm256_and_si256(packed, low);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-                    let s_lo = $scales(blk.sc[2 * j] as i32, blk.sc[2 * j] as i32);
-                    let s_hi = $scales(blk.sc[2 * j + 1] as i32, blk.sc[2 * j + 1] as i32);
-                    for r in 0..R {
-                        let ar = a.get_unchecked(r);
-                        let x0 = load(ar.qs.get_unchecked(b * 8 + 2 * j).as_ptr() as *const u8);
-                        let x1 = load(ar.qs.get_unchecked(b * 8 + 2 * j + 1).as_ptr() as *const u8);
-                        let both = _mm256_add_epi32(
-                            $scaled_sums(lo, x0, s_lo),
-                            $scaled_sums(hi, x1, s_hi),
-                        );
-                        sumi[r] = _mm256_add_epi32(sumi[r], both);
-                    }
-                }
-                for r in 0..R {
-                    let ar = a.get_unchecked(r);
-                    let summ = mins(&blk.m, ar.bsums.get_unchecked(b));
-                    let da = *ar.d.get_unchecked(b);
-                    acc[r] = with_mins(acc[r], da, blk.d, blk.dmin, hsum_i32(sumi[r]), summ);
-                }
-            }
-            out[..R].copy_from_slice(&acc);
-        }
-
-        /// # Safety
-        /// As [`dot_q4k`].
-        #[target_feature(enable = $features)]
-        pub(in super::super) unsafe fn dot_q5k<const R: usize>(
-            w: &[Q5K],
-            a: &[ActRow; R],
-            out: &mut [f32],
-        ) {
-            let low = _mm256_set1_epi8(0x0F);
-            let one = _mm256_set1_epi8(1);
-            let mut acc = [0f32; R];
-            for (b, blk) in w.iter().enumerate() {
-                let mut sumi = [_mm256_setzero_si256(); R];
-                // The fifth bits of sub-blocks 2j and 2j+1 sit in bits 2j, 2j+1 of each byte:
-                // shift them down two at a time (16-bit shifts only move bits we mask off).
-                let mut hbits = load(blk.qh.as_ptr());
-                for j in 0..4 {
-                    let packed = load(blk.qs.as_ptr().add(32 * j));
-                    let h_lo = _mm256_slli_epi16(_mm256_and_si256(hbits, one), 4);
-                    let h_hi =
-                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 1), one), 4);
-                    hbits = _mm256_srli_epi16(hbits, 2);
-                    let lo = _mm256_or_si256(_mm256_and_si256(packed, low), h_lo);
-                    let hi =
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low), h_hi);
-                    let s_lo = $scales(blk.sc[2 * j] as i32, blk.sc[2 * j] as i32);
-                    let s_hi = $scales(blk.sc[2 * j + 1] as i32, blk.sc[2 * j + 1] as i32);
-                    for r in 0..R {
-                        let ar = a.get_unchecked(r);
-                        let x0 = load(ar.qs.get_unchecked(b * 8 + 2 * j).as_ptr() as *const u8);
-                        let x1 = load(ar.qs.get_unchecked(b * 8 + 2 * j + 1).as_ptr() as *const u8);
-                        let both = _mm256_add_epi32(
-                            $scaled_sums(lo, x0, s_lo),
-                            $scaled_sums(hi, x1, s_hi),
-                        );
-                        sumi[r] = _mm256_add_epi32(sumi[r], both);
-                    }
-                }
-                for r in 0..R {
-                    let ar = a.get_unchecked(r);
-                    let summ = mins(&blk.m, ar.bsums.get_unchecked(b));
-                    let da = *ar.d.get_unchecked(b);
-                    acc[r] = with_mins(acc[r], da, blk.d, blk.dmin, hsum_i32(sumi[r]), summ);
-                }
-            }
-            out[..R].copy_from_slice(&acc);
-        }
-
-        /// # Safety
-        /// As [`dot_q4k`].
-        #[target_feature(enable = $features)]
-        pub(in super::super) unsafe fn dot_q6k<const R: usize>(
-            w: &[Q6K],
-            a: &[ActRow; R],
-            out: &mut [f32],
-        ) {
-            let low = _mm256_set1_epi8(0x0F);
-            let two = _mm256_set1_epi8(3);
-            let mut acc = [0f32; R];
-            for (b, blk) in w.iter().enumerate() {
-                let mut sumi = [_mm256_setzero_si256(); R];
-                for half in 0..2 {
-                    let ql0 = load(blk.ql.as_ptr().add(64 * half));
-                    let ql1 = load(blk.ql.as_ptr().add(64 * half + 32));
-                    let qh = load(blk.qh.as_ptr().add(32 * half));
-                    // Two high bits per weight, at bits 0-1, 2-3, 4-5, 6-7 of each qh byte.
-                    let h0 = _mm256_slli_epi16(_mm256_and_si256(qh, two), 4);
-                    let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), two), 4);
-                    let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), two), 4);
-                    let h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), two), 4);
-                    let q = [
-                        _mm256_or_si256(_mm256_and_si256(ql0, low), h0),
-                        _mm256_or_si256(_mm256_and_si256(ql1, low), h1),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low), h2),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low), h3),
-                    ];
-                    for (k, &qk) in q.iter().enumerate() {
-                        let s = 8 * half + 2 * k;
-                        let scales = $scales(blk.sc[s] as i32, blk.sc[s + 1] as i32);
-                        for r in 0..R {
-                            let ar = a.get_unchecked(r);
-                            let x = load(
-                                ar.qs.get_unchecked(b * 8 + 4 * half + k).as_ptr() as *const u8
-                            );
-                            sumi[r] = _mm256_add_epi32(sumi[r], $scaled_sums(qk, x, scales));
-                        }
-                    }
-                }
-                for r in 0..R {
-                    let ar = a.get_unchecked(r);
-                    let total = hsum_i32(sumi[r]) - offset6(&blk.sc, ar.bsums.get_unchecked(b));
-                    acc[r] = scaled(acc[r], *ar.d.get_unchecked(b), blk.d, total);
-                }
-            }
-            out[..R].copy_from_slice(&acc);
-        }
-    };
-}
-
+/// The K-quant kernels on AVX2 (the VNNI kernel set uses them too: `vpdpbusd` would need a
+/// 32-bit multiply per sub-block scale, where `vpmaddubsw` + `vpmaddwd` apply the 16-bit
+/// scale in the same instruction). Only exact integers leave each super-block's loop.
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn scales(lo: i32, hi: i32) -> __m256i {
-        _mm256_set_m128i(_mm_set1_epi16(hi as i16), _mm_set1_epi16(lo as i16))
+    unsafe fn hsum4(s: __m128i) -> i32 {
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01));
+        _mm_cvtsi128_si32(s)
     }
 
-    /// `vpmaddubsw` pairs (at most 63·127·2, no saturation) times the i16 scales by `vpmaddwd`.
+    /// f32 lanes summed in ggml's `hsum_float_8` order.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn scaled_sums(w: __m256i, a: __m256i, s: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), s)
+    unsafe fn hsum8f(acc: __m256) -> f32 {
+        let r = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
+        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        let r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        _mm_cvtss_f32(r)
     }
 
-    k_kernels!("avx2,fma", scales, scaled_sums);
-}
-
-#[cfg(target_arch = "x86_64")]
-pub(super) mod vnni {
-    use super::*;
-    use std::arch::x86_64::*;
-
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    unsafe fn scales(lo: i32, hi: i32) -> __m256i {
-        _mm256_set_m128i(_mm_set1_epi32(hi), _mm_set1_epi32(lo))
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load<T>(p: *const T) -> __m256i {
+        _mm256_loadu_si256(p as *const __m256i)
     }
 
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    unsafe fn scaled_sums(w: __m256i, a: __m256i, s: __m256i) -> __m256i {
-        _mm256_mullo_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a), s)
+    /// The 16-bit scales `lo` (bytes 0..16) and `hi` (16..32) of `sc`, which holds 8 i16 per
+    /// 128-bit lane, in every 16-bit lane of their half.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pick(sc: __m256i, lo: i16, hi: i16) -> __m256i {
+        let byte_pair = |k: i16| ((2 * k + 1) << 8) | (2 * k);
+        let index = _mm256_set_m128i(_mm_set1_epi16(byte_pair(hi)), _mm_set1_epi16(byte_pair(lo)));
+        _mm256_shuffle_epi8(sc, index)
     }
 
-    k_kernels!("avx2,fma,avx512vnni,avx512vl", scales, scaled_sums);
+    /// 8 u8 scales as i16, the same 8 in both 128-bit lanes.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn scales8(sc: &[u8; 8]) -> __m256i {
+        _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64(
+            sc.as_ptr() as *const __m128i
+        )))
+    }
+
+    /// [`super::mins`] in SIMD: pairs of the 16 sums, times the 8 mins.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn mins(m: &[u8; 8], bsums: &[i16; 16]) -> i32 {
+        let b = load(bsums.as_ptr());
+        let pairs = _mm_hadd_epi16(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+        let m16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(m.as_ptr() as *const __m128i));
+        hsum4(_mm_madd_epi16(m16, pairs))
+    }
+
+    /// 8 i32 lanes, each 4 adjacent u8 × i8 products times its lane's i16 scale.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn scaled_sums(w: __m256i, x: *const [i8; 32], s: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, load(x)), s)
+    }
+
+    /// Q4_K or Q5_K: `quants(j)` gives the two sub-blocks of 64-chunk j as bytes.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn with_mins_kernel<const R: usize>(
+        b: usize,
+        sc: &[u8; 8],
+        quants: &[(__m256i, __m256i); 4],
+        a: &[ActRow; R],
+        sumi: &mut [__m256i; R],
+    ) {
+        let sc16 = scales8(sc);
+        for (j, &(lo, hi)) in quants.iter().enumerate() {
+            let s_lo = pick(sc16, 2 * j as i16, 2 * j as i16);
+            let s_hi = pick(sc16, 2 * j as i16 + 1, 2 * j as i16 + 1);
+            for (ar, sumi) in a.iter().zip(sumi.iter_mut()) {
+                let x = ar.qs.as_ptr().add(b * 8 + 2 * j);
+                let both =
+                    _mm256_add_epi32(scaled_sums(lo, x, s_lo), scaled_sums(hi, x.add(1), s_hi));
+                *sumi = _mm256_add_epi32(*sumi, both);
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; every row of `a` holds `w.len()` super-blocks
+    /// (asserted by the caller).
+    #[target_feature(enable = "avx2,fma")]
+    pub(in super::super) unsafe fn dot_q4k<const R: usize>(
+        w: &[Q4K],
+        a: &[ActRow; R],
+        out: &mut [f32],
+    ) {
+        let low = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut accm = [0f32; R];
+        for (b, blk) in w.iter().enumerate() {
+            super::super::prefetch(blk, std::mem::size_of_val(blk));
+            let quants: [(__m256i, __m256i); 4] = std::array::from_fn(|j| {
+                let packed = load(blk.qs.as_ptr().add(32 * j));
+                (
+                    _mm256_and_si256(packed, low),
+                    _mm256_and_si256(_mm256_srli_epi16(packed, 4), low),
+                )
+            });
+            let mut sumi = [_mm256_setzero_si256(); R];
+            with_mins_kernel(b, &blk.sc, &quants, a, &mut sumi);
+            for r in 0..R {
+                let ar = a.get_unchecked(r);
+                let da = *ar.d.get_unchecked(b);
+                let scale = _mm256_set1_ps(da * blk.d);
+                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+                accm[r] += da * blk.dmin * mins(&blk.m, ar.bsums.get_unchecked(b)) as f32;
+            }
+        }
+        for r in 0..R {
+            out[r] = hsum8f(acc[r]) - accm[r];
+        }
+    }
+
+    /// # Safety
+    /// As [`dot_q4k`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(in super::super) unsafe fn dot_q5k<const R: usize>(
+        w: &[Q5K],
+        a: &[ActRow; R],
+        out: &mut [f32],
+    ) {
+        let low = _mm256_set1_epi8(0x0F);
+        let one = _mm256_set1_epi8(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut accm = [0f32; R];
+        for (b, blk) in w.iter().enumerate() {
+            super::super::prefetch(blk, std::mem::size_of_val(blk));
+            // The fifth bits of sub-blocks 2j and 2j+1 sit in bits 2j, 2j+1 of each byte
+            // (16-bit shifts only move bits that the mask drops).
+            let hbits = load(blk.qh.as_ptr());
+            let quants: [(__m256i, __m256i); 4] = std::array::from_fn(|j| {
+                let packed = load(blk.qs.as_ptr().add(32 * j));
+                let h = _mm256_srl_epi16(hbits, _mm_cvtsi32_si128(2 * j as i32));
+                let h_lo = _mm256_slli_epi16(_mm256_and_si256(h, one), 4);
+                let h_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 1), one), 4);
+                (
+                    _mm256_or_si256(_mm256_and_si256(packed, low), h_lo),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low), h_hi),
+                )
+            });
+            let mut sumi = [_mm256_setzero_si256(); R];
+            with_mins_kernel(b, &blk.sc, &quants, a, &mut sumi);
+            for r in 0..R {
+                let ar = a.get_unchecked(r);
+                let da = *ar.d.get_unchecked(b);
+                let scale = _mm256_set1_ps(da * blk.d);
+                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+                accm[r] += da * blk.dmin * mins(&blk.m, ar.bsums.get_unchecked(b)) as f32;
+            }
+        }
+        for r in 0..R {
+            out[r] = hsum8f(acc[r]) - accm[r];
+        }
+    }
+
+    /// # Safety
+    /// As [`dot_q4k`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(in super::super) unsafe fn dot_q6k<const R: usize>(
+        w: &[Q6K],
+        a: &[ActRow; R],
+        out: &mut [f32],
+    ) {
+        let low = _mm256_set1_epi8(0x0F);
+        let two = _mm256_set1_epi8(3);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (b, blk) in w.iter().enumerate() {
+            super::super::prefetch(blk, std::mem::size_of_val(blk));
+            // 16 i8 scales as i16: sub-blocks 0..8 in the low lane, 8..16 in the high one.
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.sc.as_ptr() as *const __m128i));
+            let mut sumi = [_mm256_setzero_si256(); R];
+            for half in 0..2 {
+                let ql0 = load(blk.ql.as_ptr().add(64 * half));
+                let ql1 = load(blk.ql.as_ptr().add(64 * half + 32));
+                let qh = load(blk.qh.as_ptr().add(32 * half));
+                // Two high bits per weight, at bits 0-1, 2-3, 4-5, 6-7 of each qh byte.
+                let h0 = _mm256_slli_epi16(_mm256_and_si256(qh, two), 4);
+                let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), two), 4);
+                let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), two), 4);
+                let h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), two), 4);
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(ql0, low), h0),
+                    _mm256_or_si256(_mm256_and_si256(ql1, low), h1),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low), h2),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low), h3),
+                ];
+                // This half's 8 scales in both lanes.
+                let lane = if half == 0 {
+                    _mm256_permute2x128_si256(sc16, sc16, 0x00)
+                } else {
+                    _mm256_permute2x128_si256(sc16, sc16, 0x11)
+                };
+                for (k, &qk) in q.iter().enumerate() {
+                    let scales = pick(lane, 2 * k as i16, 2 * k as i16 + 1);
+                    for (ar, sumi) in a.iter().zip(sumi.iter_mut()) {
+                        let x = ar.qs.as_ptr().add(b * 8 + 4 * half + k);
+                        *sumi = _mm256_add_epi32(*sumi, scaled_sums(qk, x, scales));
+                    }
+                }
+            }
+            for r in 0..R {
+                let ar = a.get_unchecked(r);
+                // The −32 offset: Σ scale × (sum of its 16 activations) × 32, per lane.
+                let off = _mm256_madd_epi16(sc16, load(ar.bsums.get_unchecked(b).as_ptr()));
+                let lanes = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32(off, 5));
+                let scale = _mm256_set1_ps(*ar.d.get_unchecked(b) * blk.d);
+                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(lanes), acc[r]);
+            }
+        }
+        for r in 0..R {
+            out[r] = hsum8f(acc[r]);
+        }
+    }
 }
