@@ -17,7 +17,7 @@ def peak_rss_mib(path):
 
 ours = {f["name"]: f for f in slm["figures"]}
 rows = []
-for n in ("512", "2048", "8000"):
+for n in [k for k in ("512", "2048", "8000") if k in llama[1]["prefill"]]:
     best_fa = max(llama, key=lambda fa: llama[fa]["prefill"][n]["median_wall_tok_s"])
     rows.append((f"prefill {n}", ours[f"prefill-{n}"]["median_tok_s"],
                  llama[best_fa]["prefill"][n]["median_wall_tok_s"], best_fa))
@@ -25,6 +25,7 @@ best_fa = max(llama, key=lambda fa: llama[fa]["decode"]["median_wall_tok_s"])
 rows.append(("decode after 512", ours["decode-after-512"]["median_tok_s"],
              llama[best_fa]["decode"]["median_wall_tok_s"], best_fa))
 
+print(f"model: {slm['model']}\n")
 print(f"threads: slm-chat {slm['threads']}, llama.cpp {llama[1]['threads']}\n")
 print("| figure (tok/s, median) | slm-chat | llama.cpp (best config) | ratio |")
 print("|---|---|---|---|")

@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 PY=${LLAMA_PY:?set LLAMA_PY to a python with llama-cpp-python}
 OUT=${1:-target/side-by-side}
 REPS=${REPS:-3}
+# Prompt lengths for the prefill figures (SIZES=512 for the quick check the Qwen bars use).
+SIZES=${SIZES:-512,2048,8000}
 mkdir -p "$OUT"
 cargo build --release --quiet
 BIN=./target/release/slm-chat
@@ -21,11 +23,11 @@ TEXT=../shared/corpus/books/pride_and_prejudice.txt
 ANCHOR=../shared/anchors/llamacpp_bench.py
 
 echo "slm-chat bench ($REPS reps)..." >&2
-/usr/bin/time -v "$BIN" --model "$MODEL" bench --json --reps "$REPS" --prefill 512,2048,8000 \
+/usr/bin/time -v "$BIN" --model "$MODEL" bench --json --reps "$REPS" --prefill "$SIZES" \
   >"$OUT/slm.json" 2>"$OUT/slm.time"
 for fa in 1 0; do
   echo "llama.cpp flash_attn=$fa ($REPS reps)..." >&2
   /usr/bin/time -v "$PY" "$ANCHOR" "$MODEL" "$TEXT" "$OUT/llama-fa$fa.json" \
-    --reps "$REPS" --flash-attn "$fa" >"$OUT/llama-fa$fa.log" 2>"$OUT/llama-fa$fa.time"
+    --reps "$REPS" --flash-attn "$fa" --sizes "$SIZES" >"$OUT/llama-fa$fa.log" 2>"$OUT/llama-fa$fa.time"
 done
 python3 benches/side_by_side.py "$OUT"

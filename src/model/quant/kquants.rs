@@ -186,8 +186,7 @@ pub(super) fn quantize_q8k(x: &[f32], q: &mut [[i8; 32]], bsums: &mut [i16; 16])
     let iscale = -127.0 / max;
     for (chunk, xs) in q.iter_mut().zip(x.chunks_exact(32)) {
         for (dst, &v) in chunk.iter_mut().zip(xs) {
-            // ggml's nearest_int rounds half to even.
-            *dst = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+            *dst = nearest_int(iscale * v).min(127) as i8;
         }
     }
     for (j, s) in bsums.iter_mut().enumerate() {
@@ -197,6 +196,13 @@ pub(super) fn quantize_q8k(x: &[f32], q: &mut [[i8; 32]], bsums: &mut [i16; 16])
             .sum();
     }
     1.0 / iscale
+}
+
+/// ggml's `nearest_int`: round half to even by adding 1.5·2²³ (exact for |x| < 2²²).
+/// `round_ties_even` is a libm call without SSE4.1 in the baseline: 6 % of a Qwen prefill.
+fn nearest_int(x: f32) -> i32 {
+    let v = x + 12_582_912.0;
+    (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
 /// Σ min × (sum of the activations under it), for Q4_K/Q5_K's offset term.
@@ -495,6 +501,18 @@ pub(super) mod avx2 {
         }
         for r in 0..R {
             out[r] = hsum8f(acc[r]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nearest_int;
+
+    #[test]
+    fn nearest_int_rounds_half_to_even() {
+        for x in [-127.0f32, -2.5, -1.5, -0.5, 0.0, 0.5, 1.5, 2.5, 3.49, 126.6] {
+            assert_eq!(nearest_int(x), x.round_ties_even() as i32, "{x}");
         }
     }
 }
