@@ -241,6 +241,10 @@ fn a_truncated_gguf_is_one_clear_line() {
     let (_dir, path) = temp_file("cut.gguf", &bytes[..bytes.len() / 3]);
     let out = run(&["bench"], &path);
     assert_one_line_error(&out, "truncated");
+    // It names the first tensor cut short, and its type.
+    assert!(out.stderr.contains("tensor 'blk."), "{}", out.stderr);
+    assert!(out.stderr.contains("(Q4_1)"), "{}", out.stderr);
+    assert_eq!(out.code, 2);
 }
 
 #[test]

@@ -604,7 +604,8 @@ pub(crate) enum Kernel {
     /// `vpmaddubsw` + `vpmaddwd` for the integer dot products, as ggml on AVX2.
     #[cfg(target_arch = "x86_64")]
     Avx2,
-    /// `vpdpbusd` (AVX-512 VNNI on 256-bit vectors): the same sums in one instruction.
+    /// `vpdpbusd` (AVX-512 VNNI on 256-bit vectors): the same sums in one instruction; the
+    /// K-quants on 512-bit AVX-512 BW, two sub-blocks per instruction.
     #[cfg(target_arch = "x86_64")]
     Vnni,
 }
@@ -613,7 +614,11 @@ impl Kernel {
     pub(crate) fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+            if is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512f")
+            {
                 return Self::Vnni;
             }
             return Self::Avx2;
@@ -1014,7 +1019,7 @@ mod vnni {
 
     dot_kernels!("avx2,fma,avx512vnni,avx512vl", lane_sums);
 
-    pub(super) use super::kquants::avx2::{dot_q4k, dot_q5k, dot_q6k};
+    pub(super) use super::kquants::avx512::{dot_q4k, dot_q5k, dot_q6k};
 }
 
 #[cfg(test)]
