@@ -6,7 +6,7 @@
 //! with the super-block's scale, as ggml does; the mins go into one f32 sum. The scalar path
 //! builds the same lanes and adds them in the same order: scalar and SIMD agree bit for bit.
 
-use super::ActRow;
+use super::{f16_at, ActRow};
 
 /// Weights per super-block.
 pub(crate) const QK_K: usize = 256;
@@ -41,10 +41,6 @@ pub(crate) struct Q6K {
     pub(super) sc: [i8; 16],
     pub(super) ql: [u8; 128],
     pub(super) qh: [u8; 64],
-}
-
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    super::f16_at(b, at)
 }
 
 /// The 8 six-bit scales and mins packed in 12 bytes (ggml's `get_scale_min_k4`).
@@ -218,14 +214,38 @@ fn offset6(sc: &[i8; 16], bsums: &[i16; 16], k: usize) -> i32 {
     32 * (sc[2 * k] as i32 * bsums[2 * k] as i32 + sc[2 * k + 1] as i32 * bsums[2 * k + 1] as i32)
 }
 
-/// The 8 lanes of f32 sums, in ggml's `hsum_float_8` order (as the SIMD kernels end).
-fn hsum8(acc: [f32; 8]) -> f32 {
-    let r: [f32; 4] = std::array::from_fn(|i| acc[i] + acc[i + 4]);
-    (r[0] + r[2]) + (r[1] + r[3])
+/// Q4_K and Q5_K share their scales, mins and offset term; only the quants differ.
+pub(super) trait WithMins {
+    /// `(d, dmin, scales, mins)`.
+    fn head(&self) -> (f32, f32, &[u8; 8], &[u8; 8]);
+    /// Quant of element `e` (0..256).
+    fn q(&self, e: usize) -> u8;
+}
+
+impl WithMins for Q4K {
+    fn head(&self) -> (f32, f32, &[u8; 8], &[u8; 8]) {
+        (self.d, self.dmin, &self.sc, &self.m)
+    }
+    fn q(&self, e: usize) -> u8 {
+        Q4K::q(self, e)
+    }
+}
+
+impl WithMins for Q5K {
+    fn head(&self) -> (f32, f32, &[u8; 8], &[u8; 8]) {
+        (self.d, self.dmin, &self.sc, &self.m)
+    }
+    fn q(&self, e: usize) -> u8 {
+        Q5K::q(self, e)
+    }
 }
 
 pub(super) mod scalar {
+    use super::super::scalar::hsum8;
     use super::*;
+
+    pub(in super::super) use dot_with_mins as dot_q4k;
+    pub(in super::super) use dot_with_mins as dot_q5k;
 
     /// Lane k of a super-block: Σ over its 8 chunks of 32 of scale(e) · q(e) · x(e) for
     /// the elements e at bytes 4k..4k+4 of each chunk.
@@ -248,24 +268,14 @@ pub(super) mod scalar {
         }
     }
 
-    pub(in super::super) fn dot_q4k(w: &[Q4K], a: &ActRow) -> f32 {
+    pub(in super::super) fn dot_with_mins<B: WithMins>(w: &[B], a: &ActRow) -> f32 {
         let (mut acc, mut accm) = ([0f32; 8], 0f32);
         for (b, blk) in w.iter().enumerate() {
+            let (d, dmin, sc, m) = blk.head();
             let x = &a.qs[b * 8..b * 8 + 8];
-            let l = lanes(|e| blk.q(e) as i32, |e| blk.sc[e / 32] as i32, x);
-            add_lanes(&mut acc, a.d[b] * blk.d, l);
-            accm += a.d[b] * blk.dmin * mins(&blk.m, &a.bsums[b]) as f32;
-        }
-        hsum8(acc) - accm
-    }
-
-    pub(in super::super) fn dot_q5k(w: &[Q5K], a: &ActRow) -> f32 {
-        let (mut acc, mut accm) = ([0f32; 8], 0f32);
-        for (b, blk) in w.iter().enumerate() {
-            let x = &a.qs[b * 8..b * 8 + 8];
-            let l = lanes(|e| blk.q(e) as i32, |e| blk.sc[e / 32] as i32, x);
-            add_lanes(&mut acc, a.d[b] * blk.d, l);
-            accm += a.d[b] * blk.dmin * mins(&blk.m, &a.bsums[b]) as f32;
+            let l = lanes(|e| blk.q(e) as i32, |e| sc[e / 32] as i32, x);
+            add_lanes(&mut acc, a.d[b] * d, l);
+            accm += a.d[b] * dmin * mins(m, &a.bsums[b]) as f32;
         }
         hsum8(acc) - accm
     }
@@ -345,6 +355,23 @@ pub(super) mod avx2 {
         _mm256_madd_epi16(_mm256_maddubs_epi16(w, load(x)), s)
     }
 
+    /// Add a Q4_K/Q5_K super-block's exact lanes into row `ar`'s f32 lanes and its mins
+    /// into `accm` (every Q4_K/Q5_K kernel ends a super-block here).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn add_with_mins(
+        b: usize,
+        blk: &impl WithMins,
+        lanes: __m256i,
+        ar: &ActRow,
+        acc: &mut __m256,
+        accm: &mut f32,
+    ) {
+        let (d, dmin, _, m) = blk.head();
+        let da = *ar.d.get_unchecked(b);
+        *acc = _mm256_fmadd_ps(_mm256_set1_ps(da * d), _mm256_cvtepi32_ps(lanes), *acc);
+        *accm += da * dmin * mins(m, ar.bsums.get_unchecked(b)) as f32;
+    }
+
     /// Q4_K or Q5_K: `quants(j)` gives the two sub-blocks of 64-chunk j as bytes.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn with_mins_kernel<const R: usize>(
@@ -392,10 +419,7 @@ pub(super) mod avx2 {
             with_mins_kernel(b, &blk.sc, &quants, a, &mut sumi);
             for r in 0..R {
                 let ar = a.get_unchecked(r);
-                let da = *ar.d.get_unchecked(b);
-                let scale = _mm256_set1_ps(da * blk.d);
-                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-                accm[r] += da * blk.dmin * mins(&blk.m, ar.bsums.get_unchecked(b)) as f32;
+                add_with_mins(b, blk, sumi[r], ar, &mut acc[r], &mut accm[r]);
             }
         }
         for r in 0..R {
@@ -434,10 +458,7 @@ pub(super) mod avx2 {
             with_mins_kernel(b, &blk.sc, &quants, a, &mut sumi);
             for r in 0..R {
                 let ar = a.get_unchecked(r);
-                let da = *ar.d.get_unchecked(b);
-                let scale = _mm256_set1_ps(da * blk.d);
-                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-                accm[r] += da * blk.dmin * mins(&blk.m, ar.bsums.get_unchecked(b)) as f32;
+                add_with_mins(b, blk, sumi[r], ar, &mut acc[r], &mut accm[r]);
             }
         }
         for r in 0..R {
@@ -510,7 +531,7 @@ pub(super) mod avx2 {
 /// lane sums before any float arithmetic, so the results are [`avx2`]'s, bit for bit.
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx512 {
-    use super::avx2::{hsum8f, load, mins, scales8};
+    use super::avx2::{add_with_mins, hsum8f, load, scales8};
     use super::*;
     use std::arch::x86_64::*;
 
@@ -597,10 +618,7 @@ pub(super) mod avx512 {
             with_mins_rows(b, &blk.sc, &nibble_pairs(&blk.qs), a, &mut sumi);
             for r in 0..R {
                 let ar = a.get_unchecked(r);
-                let da = *ar.d.get_unchecked(b);
-                let scale = _mm256_set1_ps(da * blk.d);
-                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(fold(sumi[r])), acc[r]);
-                accm[r] += da * blk.dmin * mins(&blk.m, ar.bsums.get_unchecked(b)) as f32;
+                add_with_mins(b, blk, fold(sumi[r]), ar, &mut acc[r], &mut accm[r]);
             }
         }
         for r in 0..R {
@@ -632,10 +650,7 @@ pub(super) mod avx512 {
             with_mins_rows(b, &blk.sc, &quants, a, &mut sumi);
             for r in 0..R {
                 let ar = a.get_unchecked(r);
-                let da = *ar.d.get_unchecked(b);
-                let scale = _mm256_set1_ps(da * blk.d);
-                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(fold(sumi[r])), acc[r]);
-                accm[r] += da * blk.dmin * mins(&blk.m, ar.bsums.get_unchecked(b)) as f32;
+                add_with_mins(b, blk, fold(sumi[r]), ar, &mut acc[r], &mut accm[r]);
             }
         }
         for r in 0..R {

@@ -701,7 +701,8 @@ mod scalar {
         (d, sum)
     }
 
-    fn hsum8(acc: [f32; 8]) -> f32 {
+    /// The 8 lanes of f32 sums, in ggml's `hsum_float_8` order (as the SIMD kernels end).
+    pub(super) fn hsum8(acc: [f32; 8]) -> f32 {
         let r: [f32; 4] = std::array::from_fn(|i| acc[i] + acc[i + 4]);
         let (a, b) = (r[0] + r[2], r[1] + r[3]);
         a + b
