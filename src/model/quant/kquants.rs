@@ -394,6 +394,30 @@ pub(super) mod avx2 {
         }
     }
 
+    /// A Q4_K/Q5_K dot product; `unpack` gives a super-block's quants as 4 chunk pairs.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_with_mins<B: WithMins, const R: usize>(
+        w: &[B],
+        a: &[ActRow; R],
+        out: &mut [f32],
+        unpack: impl Fn(&B) -> [(__m256i, __m256i); 4],
+    ) {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut accm = [0f32; R];
+        for (b, blk) in w.iter().enumerate() {
+            super::super::prefetch(blk, std::mem::size_of_val(blk));
+            let mut sumi = [_mm256_setzero_si256(); R];
+            with_mins_kernel(b, blk.head().2, &unpack(blk), a, &mut sumi);
+            for r in 0..R {
+                let ar = a.get_unchecked(r);
+                add_with_mins(b, blk, sumi[r], ar, &mut acc[r], &mut accm[r]);
+            }
+        }
+        for r in 0..R {
+            out[r] = hsum8f(acc[r]) - accm[r];
+        }
+    }
+
     /// # Safety
     /// The CPU must have AVX2 and FMA; every row of `a` holds `w.len()` super-blocks
     /// (asserted by the caller).
@@ -404,27 +428,15 @@ pub(super) mod avx2 {
         out: &mut [f32],
     ) {
         let low = _mm256_set1_epi8(0x0F);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut accm = [0f32; R];
-        for (b, blk) in w.iter().enumerate() {
-            super::super::prefetch(blk, std::mem::size_of_val(blk));
-            let quants: [(__m256i, __m256i); 4] = std::array::from_fn(|j| {
+        dot_with_mins(w, a, out, |blk| {
+            std::array::from_fn(|j| {
                 let packed = load(blk.qs.as_ptr().add(32 * j));
                 (
                     _mm256_and_si256(packed, low),
                     _mm256_and_si256(_mm256_srli_epi16(packed, 4), low),
                 )
-            });
-            let mut sumi = [_mm256_setzero_si256(); R];
-            with_mins_kernel(b, &blk.sc, &quants, a, &mut sumi);
-            for r in 0..R {
-                let ar = a.get_unchecked(r);
-                add_with_mins(b, blk, sumi[r], ar, &mut acc[r], &mut accm[r]);
-            }
-        }
-        for r in 0..R {
-            out[r] = hsum8f(acc[r]) - accm[r];
-        }
+            })
+        })
     }
 
     /// # Safety
@@ -437,14 +449,11 @@ pub(super) mod avx2 {
     ) {
         let low = _mm256_set1_epi8(0x0F);
         let one = _mm256_set1_epi8(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut accm = [0f32; R];
-        for (b, blk) in w.iter().enumerate() {
-            super::super::prefetch(blk, std::mem::size_of_val(blk));
+        dot_with_mins(w, a, out, |blk| {
             // The fifth bits of sub-blocks 2j and 2j+1 sit in bits 2j, 2j+1 of each byte
             // (16-bit shifts only move bits that the mask drops).
             let hbits = load(blk.qh.as_ptr());
-            let quants: [(__m256i, __m256i); 4] = std::array::from_fn(|j| {
+            std::array::from_fn(|j| {
                 let packed = load(blk.qs.as_ptr().add(32 * j));
                 let h = _mm256_srl_epi16(hbits, _mm_cvtsi32_si128(2 * j as i32));
                 let h_lo = _mm256_slli_epi16(_mm256_and_si256(h, one), 4);
@@ -453,17 +462,8 @@ pub(super) mod avx2 {
                     _mm256_or_si256(_mm256_and_si256(packed, low), h_lo),
                     _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low), h_hi),
                 )
-            });
-            let mut sumi = [_mm256_setzero_si256(); R];
-            with_mins_kernel(b, &blk.sc, &quants, a, &mut sumi);
-            for r in 0..R {
-                let ar = a.get_unchecked(r);
-                add_with_mins(b, blk, sumi[r], ar, &mut acc[r], &mut accm[r]);
-            }
-        }
-        for r in 0..R {
-            out[r] = hsum8f(acc[r]) - accm[r];
-        }
+            })
+        })
     }
 
     /// # Safety
@@ -599,6 +599,30 @@ pub(super) mod avx512 {
         })
     }
 
+    /// As the 256-bit `dot_with_mins`: `unpack` gives the 4 chunk pairs.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn dot_with_mins<B: WithMins, const R: usize>(
+        w: &[B],
+        a: &[ActRow; R],
+        out: &mut [f32],
+        unpack: impl Fn(&B) -> [__m512i; 4],
+    ) {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut accm = [0f32; R];
+        for (b, blk) in w.iter().enumerate() {
+            super::super::prefetch(blk, std::mem::size_of_val(blk));
+            let mut sumi = [_mm512_setzero_si512(); R];
+            with_mins_rows(b, blk.head().2, &unpack(blk), a, &mut sumi);
+            for r in 0..R {
+                let ar = a.get_unchecked(r);
+                add_with_mins(b, blk, fold(sumi[r]), ar, &mut acc[r], &mut accm[r]);
+            }
+        }
+        for r in 0..R {
+            out[r] = hsum8f(acc[r]) - accm[r];
+        }
+    }
+
     /// As [`avx2::dot_q4k`](super::avx2).
     ///
     /// # Safety
@@ -610,20 +634,7 @@ pub(super) mod avx512 {
         a: &[ActRow; R],
         out: &mut [f32],
     ) {
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut accm = [0f32; R];
-        for (b, blk) in w.iter().enumerate() {
-            super::super::prefetch(blk, std::mem::size_of_val(blk));
-            let mut sumi = [_mm512_setzero_si512(); R];
-            with_mins_rows(b, &blk.sc, &nibble_pairs(&blk.qs), a, &mut sumi);
-            for r in 0..R {
-                let ar = a.get_unchecked(r);
-                add_with_mins(b, blk, fold(sumi[r]), ar, &mut acc[r], &mut accm[r]);
-            }
-        }
-        for r in 0..R {
-            out[r] = hsum8f(acc[r]) - accm[r];
-        }
+        dot_with_mins(w, a, out, |blk| nibble_pairs(&blk.qs))
     }
 
     /// # Safety
@@ -635,10 +646,7 @@ pub(super) mod avx512 {
         out: &mut [f32],
     ) {
         let one = _mm512_set1_epi8(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut accm = [0f32; R];
-        for (b, blk) in w.iter().enumerate() {
-            super::super::prefetch(blk, std::mem::size_of_val(blk));
+        dot_with_mins(w, a, out, |blk| {
             let hb = _mm512_broadcast_i64x4(load(blk.qh.as_ptr()));
             let mut quants = nibble_pairs(&blk.qs);
             for (j, q) in quants.iter_mut().enumerate() {
@@ -646,16 +654,8 @@ pub(super) mod avx512 {
                 let bits = _mm512_srlv_epi16(hb, halves(2 * j as i16, 2 * j as i16 + 1));
                 *q = _mm512_or_si512(*q, _mm512_slli_epi16(_mm512_and_si512(bits, one), 4));
             }
-            let mut sumi = [_mm512_setzero_si512(); R];
-            with_mins_rows(b, &blk.sc, &quants, a, &mut sumi);
-            for r in 0..R {
-                let ar = a.get_unchecked(r);
-                add_with_mins(b, blk, fold(sumi[r]), ar, &mut acc[r], &mut accm[r]);
-            }
-        }
-        for r in 0..R {
-            out[r] = hsum8f(acc[r]) - accm[r];
-        }
+            quants
+        })
     }
 
     /// # Safety
