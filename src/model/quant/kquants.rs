@@ -83,16 +83,6 @@ impl Q4K {
             byte >> 4
         }
     }
-
-    /// As candle's `to_float` (same operations, same order).
-    pub(super) fn dequantize(&self, y: &mut [f32]) {
-        for (e, y) in y.iter_mut().enumerate().take(QK_K) {
-            let s = e / 32;
-            let d1 = self.d * self.sc[s] as f32;
-            let m1 = self.dmin * self.m[s] as f32;
-            *y = d1 * self.q(e) as f32 - m1;
-        }
-    }
 }
 
 impl Q5K {
@@ -120,16 +110,6 @@ impl Q5K {
             byte >> 4
         };
         low | (((self.qh[l] >> s) & 1) << 4)
-    }
-
-    pub(super) fn dequantize(&self, y: &mut [f32]) {
-        for (e, y) in y.iter_mut().enumerate().take(QK_K) {
-            let s = e / 32;
-            let d1 = self.d * self.sc[s] as f32;
-            let m1 = self.dmin * self.m[s] as f32;
-            // candle adds the fifth bit as 16.0 in f32: the same value, exactly.
-            *y = d1 * self.q(e) as f32 - m1;
-        }
     }
 }
 
@@ -220,6 +200,17 @@ pub(super) trait WithMins {
     fn head(&self) -> (f32, f32, &[u8; 8], &[u8; 8]);
     /// Quant of element `e` (0..256).
     fn q(&self, e: usize) -> u8;
+
+    /// As candle's `to_float` (same operations, same order; candle adds Q5_K's fifth bit
+    /// as 16.0 in f32, the same value exactly).
+    fn dequantize(&self, y: &mut [f32]) {
+        let (d, dmin, sc, m) = self.head();
+        for (e, y) in y.iter_mut().enumerate().take(QK_K) {
+            let d1 = d * sc[e / 32] as f32;
+            let m1 = dmin * m[e / 32] as f32;
+            *y = d1 * self.q(e) as f32 - m1;
+        }
+    }
 }
 
 impl WithMins for Q4K {

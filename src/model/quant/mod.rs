@@ -20,7 +20,7 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
 
-use kquants::{Q4K, Q5K, Q6K, QK_K};
+use kquants::{WithMins, Q4K, Q5K, Q6K, QK_K};
 
 /// How far ahead (bytes) the kernels ask for weights. One core keeps only ~10 cache-line
 /// misses in flight, which caps a weight stream at ~7 GB/s per core here; asking for lines
