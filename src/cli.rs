@@ -8,12 +8,12 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::config::{user_config_path, Config, Positions, Reread, SearchSettings};
+use crate::config::{user_config_path, Config};
 use crate::document::{self, LoadOptions, PdfWorkerArgs};
 use crate::engine::session::Progress;
 use crate::engine::{self, AskSettings, EngineError, Method};
 use crate::model::{self, DeviceChoice, Llm};
-use crate::tree::search::{Fusion, Policy, Scorer};
+use crate::tree::search::{Fusion, Policy, Positions, Reread, Scorer, SearchSettings};
 use crate::{bench, eval, store, sys};
 use indicatif::{ProgressBar, ProgressStyle};
 

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::model::DeviceChoice;
-use crate::tree::search::{Fusion, Policy, Scorer};
+use crate::store::StoreSettings;
+use crate::tree::search::SearchSettings;
+use crate::tree::TreeSettings;
 
 const ENV_PREFIX: &str = "SLM_CHAT_";
 
@@ -24,190 +26,6 @@ pub struct Config {
     pub store: StoreSettings,
     pub search: SearchSettings,
     pub paths: PathSettings,
-}
-
-/// Where injected entries sit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Positions {
-    /// Consecutive positions after the prompt prefix, in document order.
-    Contiguous,
-    /// The paper's chunk-level ids: every entry of the i-th chunk at one position.
-    Chunk,
-}
-
-/// `[search]`: which nodes a question pulls in, and how.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SearchSettings {
-    pub scorer: Scorer,
-    /// How `hybrid` fuses BM25 and dense scores.
-    pub fusion: Fusion,
-    /// Each leaf's score gains this share of its better neighbour's (0 = off).
-    pub neighbours: f32,
-    /// `ranked`: leaves read around each chosen one: 1 = alone, 2 = with its better
-    /// neighbour, 3 = with both.
-    pub window: usize,
-    pub policy: Policy,
-    /// Most injected entries; 0 = the model's window minus the prompt and the answer.
-    pub budget: usize,
-    /// Most entries at full resolution (`budget` policy).
-    pub fine_budget: usize,
-    /// The coarsest level read whole at full resolution (0 = whole chunks; the tree's
-    /// height = single leaves): a node this fine or finer goes to α = 1 in one step.
-    pub fine_level: usize,
-    /// Put `rag`'s cut mark (`[…]`) where the injected text jumps next to a passage read at
-    /// full resolution, so the model reads separate passages as separate.
-    pub cut_marks: bool,
-    /// Whether the passages chosen at full resolution are read again at question time as
-    /// text, each run at its document-order positions after the coarse entries that precede
-    /// it (the upper model prefills at most `fine_budget` tokens plus the cut marks), instead
-    /// of injecting their stored KV, encoded chunk by chunk. Contiguous positions and M = N
-    /// only.
-    pub reread: Reread,
-    /// Subtracted from the attention logit of every coarse entry (α > 1), in nats; 0 = off.
-    /// The model was never trained on pooled keys and attends them more than the text they
-    /// stand for, which drowns the passages read in full (measured: BENCHMARKS.md).
-    pub coarse_bias: f32,
-    pub positions: Positions,
-}
-
-impl Default for SearchSettings {
-    fn default() -> Self {
-        Self {
-            scorer: Scorer::Bm25,
-            fusion: Fusion::Zscore,
-            neighbours: 0.0,
-            window: 3,
-            policy: Policy::Budget,
-            budget: 1024,
-            fine_budget: 256,
-            fine_level: 3,
-            cut_marks: true,
-            reread: Reread::Auto,
-            coarse_bias: 3.0,
-            positions: Positions::Contiguous,
-        }
-    }
-}
-
-/// When passages are read again as text (`search.reread`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Reread {
-    /// When the tree keeps no full-resolution KV (`store.full_kv`): stored leaves answer as
-    /// well with the coarse bias, at a quarter of the time to first token.
-    Auto,
-    #[value(alias = "true")]
-    Always,
-    /// Inject stored leaves; a tree without them encodes the chosen chunks again.
-    #[value(alias = "false")]
-    Never,
-}
-
-impl<'de> Deserialize<'de> for Reread {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // `true` and `false` were this setting's values before `auto`: configs that still
-        // say so keep working.
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Written {
-            Flag(bool),
-            Name(String),
-        }
-        Ok(match Written::deserialize(d)? {
-            Written::Flag(true) => Reread::Always,
-            Written::Flag(false) => Reread::Never,
-            Written::Name(name) => match name.as_str() {
-                "auto" => Reread::Auto,
-                "always" | "true" => Reread::Always,
-                "never" | "false" => Reread::Never,
-                _ => {
-                    return Err(serde::de::Error::unknown_variant(
-                        &name,
-                        &["auto", "always", "never"],
-                    ))
-                }
-            },
-        })
-    }
-}
-
-/// How a node's tokens are reduced to one KV entry per α tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Downsample {
-    /// The mean of each group of α entries.
-    Mean,
-    /// Every α-th entry, from the first (the official SharedLLM code).
-    Strided,
-}
-
-/// `[tree]`: how the context tree is built (a change makes a new tree).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TreeSettings {
-    /// Tokens per chunk (cut at a sentence end within ±10 %).
-    pub chunk_tokens: usize,
-    /// Levels below the chunk: level w has 2^w nodes.
-    pub height: usize,
-    /// Tokens per kept KV entry at each level, 0 (the chunk) to `height`.
-    pub alpha: Vec<usize>,
-    pub downsample: Downsample,
-    /// Layers of the lower model whose KV is kept (M); 0 = all.
-    pub lower_layers: usize,
-    /// Layer whose mean hidden state is each node's `hidden` vector.
-    pub vector_layer: usize,
-    /// Chunks encoded together in one forward pass (and written as one file).
-    pub batch_chunks: usize,
-}
-
-impl Default for TreeSettings {
-    fn default() -> Self {
-        Self {
-            chunk_tokens: 512,
-            height: 3,
-            alpha: vec![32, 16, 8, 4],
-            downsample: Downsample::Mean,
-            lower_layers: 0,
-            vector_layer: 12,
-            batch_chunks: 4,
-        }
-    }
-}
-
-/// Whether the full-resolution KV of every token is kept on disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FullKv {
-    /// Keep it when it fits `disk_budget_gb`.
-    Auto,
-    Always,
-    /// Keep only the downsampled levels: questions read their passages again as text
-    /// (`search.reread` auto or always, contiguous positions, M = N), ~0.5 s more to the
-    /// first token on this CPU; otherwise the chosen chunks are encoded again, once per chunk
-    /// per session.
-    Never,
-}
-
-/// `[store]`: what the stored tree keeps.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct StoreSettings {
-    pub full_kv: FullKv,
-    /// Most gigabytes one document's full-resolution KV may take with `full_kv = auto`.
-    pub disk_budget_gb: f64,
-}
-
-impl Default for StoreSettings {
-    fn default() -> Self {
-        Self {
-            // Stored leaves answer as well as passages read again and 4x sooner; a document
-            // whose leaves would take more than `disk_budget_gb` reads them again instead.
-            full_kv: FullKv::Auto,
-            disk_budget_gb: 8.0,
-        }
-    }
 }
 
 /// `[rag]`: the BM25 passages method.
@@ -518,6 +336,7 @@ fn parse_like(slot: &toml::Value, raw: &str) -> Option<toml::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tree::search::Reread;
 
     #[test]
     fn the_repository_config_lists_every_key_with_its_default() {

@@ -7,11 +7,12 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 
-use slm_chat::config::{Config, SearchSettings};
+use slm_chat::config::Config;
 use slm_chat::engine::dense::{dense_index, session};
 use slm_chat::engine::ingest::open_or_build;
 use slm_chat::model::{ensure_embedder, Embedder};
 use slm_chat::tree::layout::node_number;
+use slm_chat::tree::search::SearchSettings;
 use slm_chat::tree::search::{Policy, Scorer};
 
 use crate::util::{default_model, exe, llm, shared};

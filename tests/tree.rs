@@ -6,8 +6,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::IndexOp;
-use slm_chat::config::Downsample;
 use slm_chat::model::Forward;
+use slm_chat::tree::Downsample;
 use slm_chat::tree::{layout, Encoder, TreeConfig};
 
 use crate::util::{default_model, exe, llm, shared};

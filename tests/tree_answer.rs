@@ -4,13 +4,15 @@
 use std::sync::atomic::AtomicBool;
 
 use candle_core::Tensor;
-use slm_chat::config::{Config, FullKv, Reread, SearchSettings};
+use slm_chat::config::Config;
 use slm_chat::engine::ingest::open_or_build;
 use slm_chat::engine::{sink_prefix, TreeSession};
 use slm_chat::model::Forward;
+use slm_chat::store::FullKv;
 use slm_chat::store::Tree;
 use slm_chat::tree::layout::{entries, level_rows, node_number, node_spans};
 use slm_chat::tree::search::Selected;
+use slm_chat::tree::search::{Reread, SearchSettings};
 
 use std::path::Path;
 

@@ -9,9 +9,10 @@ use serde::Serialize;
 
 use super::session::{Progress, Stage};
 use super::EngineError;
-use crate::config::{Config, FullKv};
+use crate::config::Config;
 use crate::document::{self, Document, LoadOptions};
 use crate::model::Llm;
+use crate::store::FullKv;
 use crate::store::{self, Build, ChunkEntry, Contents, NodeEntry, Plan, StoreError, Sum, Tree};
 use crate::tree::{chunk, layout, level_indexes, Encoder, TreeConfig};
 

@@ -13,11 +13,12 @@ use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
 
 use super::{prompt_parts, timings, Answer, EngineError, Memory, Method, PromptParts};
-use crate::config::{Positions, Reread, SearchSettings};
 use crate::model::{generate, Embedder, Forward, KvCache, LayerKv, Llm, SamplingParams};
 use crate::store::Tree;
 use crate::tree::layout::{level_rows, node_number, node_spans};
-use crate::tree::search::{self, Budget, Index, Query, Selected, Shape};
+use crate::tree::search::{
+    self, Budget, Index, Positions, Query, Reread, SearchSettings, Selected, Shape,
+};
 use crate::tree::Encoder;
 
 /// A node of the tree as `ask --json` and the TUI show it: one that went into an answer, or

@@ -9,10 +9,9 @@
 //! see, so memory grows with `block × keys` rather than `T²`, and the masked upper blocks of
 //! a causal prompt are never computed.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use super::kv::KvCache;
-use super::transformer::round_f16;
 use super::{ModelError, Result};
 
 /// One block of query rows and the keys it needs.
@@ -301,6 +300,11 @@ fn softmax_row(row: &mut [f32], round_f16: bool) {
     if round_f16 {
         round_f16_slice(row);
     }
+}
+
+/// Round to the nearest f16 and widen back to f32.
+pub(crate) fn round_f16(x: &Tensor) -> Result<Tensor> {
+    Ok(x.to_dtype(DType::F16)?.to_dtype(DType::F32)?)
 }
 
 /// Round every value to the nearest f16 and back, 8 at a time with F16C where the CPU has it.

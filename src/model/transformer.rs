@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::attention::{attend, AttnPlan};
+use super::attention::{attend, round_f16, AttnPlan};
 use super::config::Config;
 use super::kv::KvCache;
 use super::quant::QuantMatrix;
@@ -591,11 +591,6 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
         }
     }
     Ok(Tensor::from_vec(v, (n, d), x.device())?)
-}
-
-/// Round to the nearest f16 and widen back to f32.
-pub(crate) fn round_f16(x: &Tensor) -> Result<Tensor> {
-    Ok(x.to_dtype(DType::F16)?.to_dtype(DType::F32)?)
 }
 
 /// `(n, heads * head_dim)` → `(heads, n, head_dim)`, contiguous.

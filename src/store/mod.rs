@@ -32,6 +32,40 @@ pub use dense::{read_dense, write_dense};
 pub use read::Tree;
 pub use write::{token_file, Build, Contents};
 
+/// Whether the full-resolution KV of every token is kept on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FullKv {
+    /// Keep it when it fits `disk_budget_gb`.
+    Auto,
+    Always,
+    /// Keep only the downsampled levels: questions read their passages again as text
+    /// (`search.reread` auto or always, contiguous positions, M = N), ~0.5 s more to the
+    /// first token on this CPU; otherwise the chosen chunks are encoded again, once per chunk
+    /// per session.
+    Never,
+}
+
+/// `[store]`: what the stored tree keeps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    pub full_kv: FullKv,
+    /// Most gigabytes one document's full-resolution KV may take with `full_kv = auto`.
+    pub disk_budget_gb: f64,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            // Stored leaves answer as well as passages read again and 4x sooner; a document
+            // whose leaves would take more than `disk_budget_gb` reads them again instead.
+            full_kv: FullKv::Auto,
+            disk_budget_gb: 8.0,
+        }
+    }
+}
+
 /// Bumped whenever the layout or the meaning of a stored tensor changes.
 pub const FORMAT_VERSION: u32 = 1;
 

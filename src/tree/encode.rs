@@ -14,10 +14,52 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::layout::{level_rows, node_spans, nodes_per_chunk};
-use crate::config::Downsample;
 use crate::model::{Forward, KvCache, Model, ModelError};
 
 type Result<T> = std::result::Result<T, ModelError>;
+
+/// How a node's tokens are reduced to one KV entry per α tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Downsample {
+    /// The mean of each group of α entries.
+    Mean,
+    /// Every α-th entry, from the first (the official SharedLLM code).
+    Strided,
+}
+
+/// `[tree]`: how the context tree is built (a change makes a new tree).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TreeSettings {
+    /// Tokens per chunk (cut at a sentence end within ±10 %).
+    pub chunk_tokens: usize,
+    /// Levels below the chunk: level w has 2^w nodes.
+    pub height: usize,
+    /// Tokens per kept KV entry at each level, 0 (the chunk) to `height`.
+    pub alpha: Vec<usize>,
+    pub downsample: Downsample,
+    /// Layers of the lower model whose KV is kept (M); 0 = all.
+    pub lower_layers: usize,
+    /// Layer whose mean hidden state is each node's `hidden` vector.
+    pub vector_layer: usize,
+    /// Chunks encoded together in one forward pass (and written as one file).
+    pub batch_chunks: usize,
+}
+
+impl Default for TreeSettings {
+    fn default() -> Self {
+        Self {
+            chunk_tokens: 512,
+            height: 3,
+            alpha: vec![32, 16, 8, 4],
+            downsample: Downsample::Mean,
+            lower_layers: 0,
+            vector_layer: 12,
+            batch_chunks: 4,
+        }
+    }
+}
 
 /// Everything that decides the tree's contents (stored with it; a change means a new tree).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,4 +14,4 @@ pub mod search;
 pub use bm25::{level_indexes, terms, Bm25};
 pub use chunk::{chunk, Chunk};
 pub use dense::node_vectors;
-pub use encode::{EncodedChunk, Encoder, TreeConfig};
+pub use encode::{Downsample, EncodedChunk, Encoder, TreeConfig, TreeSettings};

@@ -61,6 +61,113 @@ pub enum Policy {
     Ranked,
 }
 
+/// Where injected entries sit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Positions {
+    /// Consecutive positions after the prompt prefix, in document order.
+    Contiguous,
+    /// The paper's chunk-level ids: every entry of the i-th chunk at one position.
+    Chunk,
+}
+
+/// `[search]`: which nodes a question pulls in, and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SearchSettings {
+    pub scorer: Scorer,
+    /// How `hybrid` fuses BM25 and dense scores.
+    pub fusion: Fusion,
+    /// Each leaf's score gains this share of its better neighbour's (0 = off).
+    pub neighbours: f32,
+    /// `ranked`: leaves read around each chosen one: 1 = alone, 2 = with its better
+    /// neighbour, 3 = with both.
+    pub window: usize,
+    pub policy: Policy,
+    /// Most injected entries; 0 = the model's window minus the prompt and the answer.
+    pub budget: usize,
+    /// Most entries at full resolution (`budget` policy).
+    pub fine_budget: usize,
+    /// The coarsest level read whole at full resolution (0 = whole chunks; the tree's
+    /// height = single leaves): a node this fine or finer goes to α = 1 in one step.
+    pub fine_level: usize,
+    /// Put `rag`'s cut mark (`[…]`) where the injected text jumps next to a passage read at
+    /// full resolution, so the model reads separate passages as separate.
+    pub cut_marks: bool,
+    /// Whether the passages chosen at full resolution are read again at question time as
+    /// text, each run at its document-order positions after the coarse entries that precede
+    /// it (the upper model prefills at most `fine_budget` tokens plus the cut marks), instead
+    /// of injecting their stored KV, encoded chunk by chunk. Contiguous positions and M = N
+    /// only.
+    pub reread: Reread,
+    /// Subtracted from the attention logit of every coarse entry (α > 1), in nats; 0 = off.
+    /// The model was never trained on pooled keys and attends them more than the text they
+    /// stand for, which drowns the passages read in full (measured: BENCHMARKS.md).
+    pub coarse_bias: f32,
+    pub positions: Positions,
+}
+
+impl Default for SearchSettings {
+    fn default() -> Self {
+        Self {
+            scorer: Scorer::Bm25,
+            fusion: Fusion::Zscore,
+            neighbours: 0.0,
+            window: 3,
+            policy: Policy::Budget,
+            budget: 1024,
+            fine_budget: 256,
+            fine_level: 3,
+            cut_marks: true,
+            reread: Reread::Auto,
+            coarse_bias: 3.0,
+            positions: Positions::Contiguous,
+        }
+    }
+}
+
+/// When passages are read again as text (`search.reread`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Reread {
+    /// When the tree keeps no full-resolution KV (`store.full_kv`): stored leaves answer as
+    /// well with the coarse bias, at a quarter of the time to first token.
+    Auto,
+    #[value(alias = "true")]
+    Always,
+    /// Inject stored leaves; a tree without them encodes the chosen chunks again.
+    #[value(alias = "false")]
+    Never,
+}
+
+impl<'de> Deserialize<'de> for Reread {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // `true` and `false` were this setting's values before `auto`: configs that still
+        // say so keep working.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Flag(bool),
+            Name(String),
+        }
+        Ok(match Written::deserialize(d)? {
+            Written::Flag(true) => Reread::Always,
+            Written::Flag(false) => Reread::Never,
+            Written::Name(name) => match name.as_str() {
+                "auto" => Reread::Auto,
+                "always" | "true" => Reread::Always,
+                "never" | "false" => Reread::Never,
+                _ => {
+                    return Err(serde::de::Error::unknown_variant(
+                        &name,
+                        &["auto", "always", "never"],
+                    ))
+                }
+            },
+        })
+    }
+}
+
 /// The shape of the stored trees, as search needs it.
 #[derive(Debug, Clone)]
 pub struct Shape<'a> {
