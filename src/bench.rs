@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::model::{argmax, Forward, Llm, ModelError};
+use crate::model::{argmax, Forward, Llm, Model, ModelError};
 
 /// Text the bench tokenizes: the bundled sample (real prose, about 35K tokens).
 pub const SAMPLE_TEXT: &str = include_str!("../assets/sherlock_holmes_adventures_1-3.txt");
@@ -97,31 +97,11 @@ pub fn run(
         figures.push(figure(format!("prefill-{n}"), n, runs));
     }
 
-    // Encode: what building a context tree does per chunk — a shared sink prefix, then each
-    // chunk through every layer with its keys and values kept and no output head.
     progress(&format!(
         "encode {ENCODE_CHUNKS} chunks of {ENCODE_CHUNK} tokens × {reps}"
     ));
-    let prefix = &tokens[..ENCODE_PREFIX];
     let runs = (0..reps)
-        .map(|_| {
-            let mut base = m.new_cache();
-            m.prefill(prefix, &mut base)?;
-            let t = Instant::now();
-            for c in 0..ENCODE_CHUNKS {
-                let start = ENCODE_PREFIX + c * ENCODE_CHUNK;
-                let chunk = &tokens[start..start + ENCODE_CHUNK];
-                let pos: Vec<u32> =
-                    (ENCODE_PREFIX as u32..(ENCODE_PREFIX + ENCODE_CHUNK) as u32).collect();
-                let mut cache = base.fork()?;
-                let f = Forward {
-                    keep_kv: true,
-                    ..Forward::all(m, &pos)
-                };
-                m.forward(&m.embed(chunk)?, &f, &mut cache)?;
-            }
-            Ok((ENCODE_CHUNKS * ENCODE_CHUNK) as f64 / t.elapsed().as_secs_f64())
-        })
+        .map(|_| encode_rate(m, &tokens))
         .collect::<Result<Vec<_>, ModelError>>()?;
     figures.push(figure(
         format!("encode-{ENCODE_CHUNK}x{ENCODE_CHUNKS}"),
@@ -133,16 +113,7 @@ pub fn run(
         "decode {DECODE_TOKENS} tokens after {DECODE_PROMPT} × {reps}"
     ));
     let runs = (0..reps)
-        .map(|_| {
-            let mut cache = m.new_cache();
-            let mut logits = m.prefill(&tokens[..DECODE_PROMPT], &mut cache)?;
-            let t = Instant::now();
-            for _ in 0..DECODE_TOKENS {
-                let next = argmax(&logits.to_vec1::<f32>()?);
-                logits = m.prefill(&[next], &mut cache)?;
-            }
-            Ok(DECODE_TOKENS as f64 / t.elapsed().as_secs_f64())
-        })
+        .map(|_| decode_rate(m, &tokens))
         .collect::<Result<Vec<_>, ModelError>>()?;
     figures.push(figure(
         format!("decode-after-{DECODE_PROMPT}"),
@@ -159,6 +130,39 @@ pub fn run(
         figures,
         peak_rss_bytes: crate::sys::peak_rss_bytes(),
     })
+}
+
+/// Encode: what building a context tree does per chunk — a shared sink prefix, then each
+/// chunk through every layer with its keys and values kept and no output head; tokens/s.
+fn encode_rate(m: &Model, tokens: &[u32]) -> Result<f64, ModelError> {
+    let prefix = &tokens[..ENCODE_PREFIX];
+    let mut base = m.new_cache();
+    m.prefill(prefix, &mut base)?;
+    let t = Instant::now();
+    for c in 0..ENCODE_CHUNKS {
+        let start = ENCODE_PREFIX + c * ENCODE_CHUNK;
+        let chunk = &tokens[start..start + ENCODE_CHUNK];
+        let pos: Vec<u32> = (ENCODE_PREFIX as u32..(ENCODE_PREFIX + ENCODE_CHUNK) as u32).collect();
+        let mut cache = base.fork()?;
+        let f = Forward {
+            keep_kv: true,
+            ..Forward::all(m, &pos)
+        };
+        m.forward(&m.embed(chunk)?, &f, &mut cache)?;
+    }
+    Ok((ENCODE_CHUNKS * ENCODE_CHUNK) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Greedy decoding of `DECODE_TOKENS` after a `DECODE_PROMPT`-token prompt; tokens/s.
+fn decode_rate(m: &Model, tokens: &[u32]) -> Result<f64, ModelError> {
+    let mut cache = m.new_cache();
+    let mut logits = m.prefill(&tokens[..DECODE_PROMPT], &mut cache)?;
+    let t = Instant::now();
+    for _ in 0..DECODE_TOKENS {
+        let next = argmax(&logits.to_vec1::<f32>()?);
+        logits = m.prefill(&[next], &mut cache)?;
+    }
+    Ok(DECODE_TOKENS as f64 / t.elapsed().as_secs_f64())
 }
 
 /// The report as a table for people.

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::DeviceChoice;
+use crate::document::LoadOptions;
+use crate::engine::ingest::IngestSettings;
+use crate::engine::{RagSettings, Settings};
+use crate::model::{DeviceChoice, ModelChoice};
 use crate::store::StoreSettings;
 use crate::tree::search::SearchSettings;
 use crate::tree::TreeSettings;
@@ -26,25 +29,6 @@ pub struct Config {
     pub store: StoreSettings,
     pub search: SearchSettings,
     pub paths: PathSettings,
-}
-
-/// `[rag]`: the BM25 passages method.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RagSettings {
-    /// Tokens per chunk (cut at a sentence end within ±10 %).
-    pub chunk_tokens: usize,
-    /// Most document tokens `--method rag` puts in the prompt.
-    pub max_tokens: usize,
-}
-
-impl Default for RagSettings {
-    fn default() -> Self {
-        Self {
-            chunk_tokens: 256,
-            max_tokens: 1536,
-        }
-    }
 }
 
 /// `[model]`: which model, on which device.
@@ -118,8 +102,43 @@ pub enum ConfigError {
     File { path: PathBuf, reason: String },
     #[error("environment variable {name}: {reason}")]
     Env { name: String, reason: String },
-    #[error("setting {name} (--{flag} or config.toml): {reason}", flag = name.rsplit('.').next().unwrap_or(name).replace('_', "-"))]
+    #[error("{}", invalid(name, reason))]
     Invalid { name: String, reason: String },
+}
+
+/// Settings a command-line flag also sets, with the flag (the rest are set only in
+/// `config.toml` or the environment). The binary's tests check that each flag exists.
+pub const FLAGS: &[(&str, &str)] = &[
+    ("model.path", "--model"),
+    ("model.device", "--device"),
+    ("generate.max_tokens", "--max-tokens"),
+    ("generate.temperature", "--temperature"),
+    ("search.scorer", "--scorer"),
+    ("search.fusion", "--fusion"),
+    ("search.neighbours", "--neighbours"),
+    ("search.window", "--window"),
+    ("search.policy", "--policy"),
+    ("search.budget", "--budget"),
+    ("search.fine_budget", "--fine-budget"),
+    ("search.fine_level", "--fine-level"),
+    ("search.cut_marks", "--cut-marks"),
+    ("search.reread", "--reread"),
+    ("search.coarse_bias", "--coarse-bias"),
+    ("search.positions", "--positions"),
+];
+
+/// A bad setting's message: the key as `config.toml` spells it and every place that sets it.
+fn invalid(name: &str, reason: &str) -> String {
+    let (section, key) = name.split_once('.').unwrap_or(("", name));
+    let env = format!(
+        "{ENV_PREFIX}{}",
+        name.replace('.', "_").to_ascii_uppercase()
+    );
+    let places = match FLAGS.iter().find(|(n, _)| *n == name) {
+        Some((_, flag)) => format!("config.toml, {env} or {flag}"),
+        None => format!("config.toml or {env}"),
+    };
+    format!("`{key}` in [{section}] {reason} (set in {places})")
 }
 
 fn dirs() -> Option<directories::ProjectDirs> {
@@ -242,6 +261,27 @@ impl Config {
     /// Where models are cached.
     pub fn models_dir(&self) -> PathBuf {
         self.cache_dir().join("models")
+    }
+
+    /// The settings the engine takes; `pdf_worker` is the program that runs
+    /// `__pdf-worker` (the slm-chat binary).
+    pub fn engine_settings(&self, pdf_worker: PathBuf) -> Settings {
+        Settings {
+            model: ModelChoice {
+                spec: self.model.path.clone(),
+                device: self.model.device,
+                models_dir: self.models_dir(),
+            },
+            ingest: IngestSettings {
+                tree: self.tree.clone(),
+                store: self.store.clone(),
+                trees_dir: self.trees_dir(),
+                load: LoadOptions::new(pdf_worker),
+            },
+            search: self.search.clone(),
+            rag: self.rag.clone(),
+            sampling: self.generate.sampling(),
+        }
     }
 
     /// The settings as TOML, for `config show`.
@@ -371,6 +411,28 @@ mod tests {
         assert!(apply_env(&mut v, bad.into_iter()).is_err());
         let unknown = [("SLM_CHAT_NOPE".to_string(), "1".to_string())];
         assert!(apply_env(&mut v, unknown.into_iter()).is_err());
+    }
+
+    #[test]
+    fn a_bad_setting_names_its_key_and_the_flag_only_where_one_exists() {
+        let mut c = Config::default();
+        c.tree.height = 9;
+        let e = c.validate().expect_err("height 9").to_string();
+        assert_eq!(
+            e,
+            "`height` in [tree] must be at most 6 (set in config.toml or SLM_CHAT_TREE_HEIGHT)"
+        );
+        let mut c = Config::default();
+        c.search.window = 5;
+        let e = c.validate().expect_err("window 5").to_string();
+        assert!(
+            e.contains("[search]") && e.ends_with("SLM_CHAT_SEARCH_WINDOW or --window)"),
+            "{e}"
+        );
+        let mut c = Config::default();
+        c.store.disk_budget_gb = -1.0;
+        let e = c.validate().expect_err("negative budget").to_string();
+        assert!(!e.contains("--"), "{e}");
     }
 
     #[test]

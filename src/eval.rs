@@ -8,8 +8,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 
 use serde::{Deserialize, Serialize};
+
+use crate::engine::{self, Answer, AskSettings, EngineError, Method, Settings, TreeSession};
+use crate::model::Llm;
 
 /// One line of a dataset.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -59,6 +63,27 @@ pub enum EvalError {
     },
     #[error("case {id}: {reason}")]
     Case { id: String, reason: String },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl From<crate::store::StoreError> for EvalError {
+    fn from(e: crate::store::StoreError) -> Self {
+        Self::Engine(e.into())
+    }
+}
+
+impl From<crate::document::DocumentError> for EvalError {
+    fn from(e: crate::document::DocumentError) -> Self {
+        Self::Engine(e.into())
+    }
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> EvalError + '_ {
+    move |error| EvalError::Io {
+        path: path.to_path_buf(),
+        error,
+    }
 }
 
 /// The cases of a JSONL file.
@@ -554,11 +579,12 @@ struct Doc {
     path: PathBuf,
 }
 
-fn document(plan: &EvalPlan, case: &Case) -> anyhow::Result<Doc> {
-    use anyhow::Context;
+fn document(plan: &EvalPlan, case: &Case) -> Result<Doc, EvalError> {
     let book_path = plan.books.join(format!("{}.txt", case.book));
-    let book = std::fs::read_to_string(&book_path)
-        .with_context(|| format!("case {}: {}", case.id, book_path.display()))?;
+    let book = std::fs::read_to_string(&book_path).map_err(|e| EvalError::Case {
+        id: case.id.clone(),
+        reason: format!("{}: {e}", book_path.display()),
+    })?;
     let (text, name) = if plan.oracle {
         (
             oracle_text(case, &book)?.0,
@@ -569,7 +595,7 @@ fn document(plan: &EvalPlan, case: &Case) -> anyhow::Result<Doc> {
     } else {
         return Ok(Doc { path: book_path });
     };
-    std::fs::create_dir_all(&plan.work_dir).with_context(|| plan.work_dir.display().to_string())?;
+    std::fs::create_dir_all(&plan.work_dir).map_err(io_error(&plan.work_dir))?;
     let path = plan.work_dir.join(name);
     if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
         crate::store::write_atomic(&path, text.as_bytes())?;
@@ -577,204 +603,253 @@ fn document(plan: &EvalPlan, case: &Case) -> anyhow::Result<Doc> {
     Ok(Doc { path })
 }
 
-/// Run every case of `plan`, telling `say` about each as it finishes.
-pub fn run(
-    llm: &crate::model::Llm,
-    config: &crate::config::Config,
-    plan: &EvalPlan,
-    say: &mut dyn FnMut(&str),
-) -> anyhow::Result<Vec<CaseResult>> {
-    use crate::engine::{self, AskSettings, Method, TreeSession};
-    use std::sync::atomic::AtomicBool;
-    let cancel = AtomicBool::new(false);
-    let params = config.generate.sampling();
-    let method = if plan.oracle {
-        Method::Full
-    } else {
-        plan.method
-    };
-    let mut docs = Vec::new();
-    for case in &plan.cases {
-        docs.push(document(plan, case)?);
+/// What an eval run reads its documents with: the tree session of the document in hand,
+/// or the loaded document for the other methods (kept while its cases run).
+struct Reader<'a> {
+    llm: &'a Llm,
+    settings: &'a Settings,
+    plan: &'a EvalPlan,
+    method: Method,
+    session: Option<(PathBuf, TreeSession<'a>)>,
+    loaded: Option<(PathBuf, crate::document::Document)>,
+    cancel: &'a AtomicBool,
+}
+
+impl<'a> Reader<'a> {
+    /// Answer `case` on `doc`; errors of the answer itself are the case's, others stop the run.
+    fn answer(
+        &mut self,
+        case: &Case,
+        doc: &Doc,
+        say: &mut dyn FnMut(&str),
+    ) -> Result<Result<Answer, EngineError>, EvalError> {
+        let (s, plan, cancel) = (self.settings, self.plan, self.cancel);
+        let params = &s.sampling;
+        if self.method == Method::Tree {
+            let session = self.tree_session(case, doc, say)?;
+            return Ok(if plan.retrieval_only {
+                session.search_only(&case.question, &s.search, params.max_tokens)
+            } else {
+                session.ask(&case.question, &s.search, params, cancel, &mut |_| {})
+            });
+        }
+        let d = match self.loaded.take() {
+            Some((p, d)) if p == doc.path => &self.loaded.insert((p, d)).1,
+            _ => {
+                let d = crate::document::load(&doc.path, &s.ingest.load)?;
+                &self.loaded.insert((doc.path.clone(), d)).1
+            }
+        };
+        let ask = AskSettings::new(self.method, &s.rag, &s.search, self.plan.embedder.clone());
+        Ok(engine::ask(
+            self.llm,
+            d,
+            &case.question,
+            &ask,
+            params,
+            self.cancel,
+            &mut |_| {},
+        ))
     }
-    let mut order: Vec<usize> = (0..plan.cases.len()).collect();
-    // Cases on the same document run together, so its tree is opened once.
-    order.sort_by(|&a, &b| docs[a].path.cmp(&docs[b].path));
-    let mut results: Vec<Option<CaseResult>> = vec![None; plan.cases.len()];
-    let mut session: Option<(PathBuf, TreeSession)> = None;
-    // The document the other methods read (kept for the cases on it), to look evidence up in.
-    let mut loaded: Option<(PathBuf, crate::document::Document)> = None;
-    for i in order {
-        let (case, doc) = (&plan.cases[i], &docs[i]);
-        let answer = if method == Method::Tree {
-            if session.as_ref().is_none_or(|(p, _)| p != &doc.path) {
+
+    /// The session of `doc`'s tree, opening (or building) it when the cases move to it.
+    fn tree_session(
+        &mut self,
+        case: &Case,
+        doc: &Doc,
+        say: &mut dyn FnMut(&str),
+    ) -> Result<&mut TreeSession<'a>, EvalError> {
+        let s = match self.session.take() {
+            Some((p, s)) if p == doc.path => s,
+            previous => {
                 // Let go of the previous tree before opening the next.
-                drop(session.take());
+                drop(previous);
                 let mut progress = |p: &engine::session::Progress| {
                     if p.total > 0 && (p.done == p.total || p.done.is_multiple_of(50)) {
                         say(&format!("{}: {}", case.id, p.message));
                     }
                 };
                 let (tree, report) = engine::ingest::open_or_build(
-                    llm,
+                    self.llm,
                     &doc.path,
-                    config,
+                    &self.settings.ingest,
                     false,
                     &mut progress,
-                    &cancel,
+                    self.cancel,
                 )?;
-                let s = engine::dense::session(llm, tree, plan.embedder.as_ref(), &mut progress)?;
+                let embedder = self.plan.embedder.as_ref();
+                let s = engine::dense::session(self.llm, tree, embedder, &mut progress)?;
                 if report.built {
                     say(&format!(
                         "{}: built the tree of {} tokens in {:.0} s ({:.0} tok/s)",
                         case.id, report.tokens, report.seconds, report.tok_s
                     ));
                 }
-                session = Some((doc.path.clone(), s));
+                s
             }
-            match session.as_mut() {
-                Some((_, s)) if plan.retrieval_only => {
-                    s.search_only(&case.question, &config.search, params.max_tokens)
-                }
-                Some((_, s)) => s.ask(
-                    &case.question,
-                    &config.search,
-                    &params,
-                    &cancel,
-                    &mut |_| {},
-                ),
-                None => unreachable_session(),
-            }
-        } else {
-            if loaded.as_ref().is_none_or(|(p, _)| p != &doc.path) {
-                let d = crate::document::load(
-                    &doc.path,
-                    &crate::document::LoadOptions::new(std::env::current_exe()?),
-                )?;
-                loaded = Some((doc.path.clone(), d));
-            }
-            let d = match &loaded {
-                Some((_, d)) => d,
-                None => continue,
-            };
-            let settings = AskSettings::new(method, config, plan.embedder.clone());
-            engine::ask(
-                llm,
-                d,
-                &case.question,
-                &settings,
-                &params,
-                &cancel,
-                &mut |_| {},
-            )
         };
-        let r = match answer {
-            Ok(a) => {
-                // Every byte of the needle (or a book question's evidence) inside some
-                // full-resolution node. Node offsets point into the tree's (normalised)
-                // text, so the evidence is looked up there.
-                let needle = case
-                    .needle_sentence
-                    .as_deref()
-                    .or(case.evidence_quote.as_deref())
-                    .map(str::trim);
-                // What the model read word for word: leaves at α = 1, or `rag`'s passages.
-                let (text, read): (Option<&str>, Vec<(usize, usize)>) = match (&session, method) {
-                    (Some((_, s)), Method::Tree) => (
-                        Some(s.tree().text()),
-                        a.nodes
-                            .iter()
-                            .filter(|n| n.alpha == 1)
-                            .map(|n| n.chars)
-                            .collect(),
-                    ),
-                    (_, Method::Rag) => (
-                        loaded.as_ref().map(|(_, d)| d.text.as_str()),
-                        a.sources.iter().map(|s| s.chars).collect(),
-                    ),
-                    _ => (None, Vec::new()),
-                };
-                // The ranked candidates: the tree's leaves, or `rag`'s passages (best first).
-                let candidates: Vec<(usize, usize)> = match method {
-                    Method::Tree => a.candidates.clone(),
-                    _ => a.sources.iter().map(|s| s.chars).collect(),
-                };
-                let span = text.zip(needle).and_then(|(t, n)| find_loosely(t, n));
-                // Every byte of the evidence but whitespace: two adjacent nodes may leave
-                // the space between their tokens to neither.
-                let covered = |spans: &[(usize, usize)], span: &std::ops::Range<usize>| {
-                    let t = text.unwrap_or_default().as_bytes();
-                    span.clone().all(|b| {
-                        t.get(b).is_some_and(u8::is_ascii_whitespace)
-                            || spans.iter().any(|&(from, to)| from <= b && b < to)
-                    })
-                };
-                let evidence_read = span.as_ref().map(|span| covered(&read, span));
-                let evidence_rank = span.as_ref().and_then(|span| {
-                    (1..=candidates.len()).find(|&k| covered(&candidates[..k], span))
-                });
-                let alone_correct = match text {
-                    Some(t) if plan.read_alone && method == Method::Tree => {
-                        answer_alone(llm, config, plan, case, t, &read)?
-                    }
-                    _ => None,
-                };
-                CaseResult {
-                    id: case.id.clone(),
-                    correct: correct(case, &a.answer),
-                    answer: a.answer,
-                    context_tokens_approx: case.context_tokens_approx,
-                    depth: case.depth,
-                    document_tokens: a.document_tokens,
-                    first_token_ms: a.timings.first_token_ms,
-                    injected_bytes: a.memory.injected_bytes,
-                    kv_bytes: a.memory.kv_bytes,
-                    full_attention_kv_bytes: a.memory.full_attention_kv_bytes,
-                    peak_rss_bytes: a.memory.peak_rss_bytes,
-                    evidence_read,
-                    evidence_rank,
-                    kind: case.kind.clone(),
-                    alone_correct,
-                    error: None,
-                }
-            }
-            Err(e) => CaseResult {
-                id: case.id.clone(),
-                correct: false,
-                answer: String::new(),
-                context_tokens_approx: case.context_tokens_approx,
-                depth: case.depth,
-                document_tokens: 0,
-                first_token_ms: 0.0,
-                injected_bytes: None,
-                kv_bytes: 0,
-                full_attention_kv_bytes: None,
-                peak_rss_bytes: None,
-                evidence_read: None,
-                evidence_rank: None,
-                kind: case.kind.clone(),
-                alone_correct: None,
-                error: Some(e.to_string()),
-            },
+        Ok(&mut self.session.insert((doc.path.clone(), s)).1)
+    }
+
+    /// The text the model's reading is measured against, and what it read word for word:
+    /// leaves at α = 1, or `rag`'s passages.
+    fn read(&self, a: &Answer) -> (Option<&str>, Vec<(usize, usize)>) {
+        match (&self.session, self.method) {
+            (Some((_, s)), Method::Tree) => (
+                Some(s.tree().text()),
+                a.nodes
+                    .iter()
+                    .filter(|n| n.alpha == 1)
+                    .map(|n| n.chars)
+                    .collect(),
+            ),
+            (_, Method::Rag) => (
+                self.loaded.as_ref().map(|(_, d)| d.text.as_str()),
+                a.sources.iter().map(|s| s.chars).collect(),
+            ),
+            _ => (None, Vec::new()),
+        }
+    }
+
+    /// Score an answer: correct or not, and whether (and how soon) its evidence was read.
+    fn score(&self, case: &Case, a: Answer) -> Result<CaseResult, EvalError> {
+        // Every byte of the needle (or a book question's evidence) inside some
+        // full-resolution node. Node offsets point into the tree's (normalised) text, so
+        // the evidence is looked up there.
+        let needle = case
+            .needle_sentence
+            .as_deref()
+            .or(case.evidence_quote.as_deref())
+            .map(str::trim);
+        let (text, read) = self.read(&a);
+        // The ranked candidates: the tree's leaves, or `rag`'s passages (best first).
+        let candidates: Vec<(usize, usize)> = match self.method {
+            Method::Tree => a.candidates.clone(),
+            _ => a.sources.iter().map(|s| s.chars).collect(),
         };
-        say(&format!(
-            "{} {} · {:.0} ms to first token{}{} · {}",
-            mark(&r),
-            r.id,
-            r.first_token_ms,
-            match (r.evidence_read, r.evidence_rank) {
-                (Some(true), _) => " · evidence read in full".to_string(),
-                (Some(false), Some(k)) => format!(" · evidence not read in full (candidate {k})"),
-                (Some(false), None) => " · evidence not read in full".to_string(),
-                (None, _) => String::new(),
-            },
-            match r.alone_correct {
-                Some(true) => " · its passages alone: ✔",
-                Some(false) => " · its passages alone: ✘",
-                None => "",
-            },
-            r.error.clone().unwrap_or_else(|| one_line(&r.answer))
-        ));
+        let span = text.zip(needle).and_then(|(t, n)| find_loosely(t, n));
+        // Every byte of the evidence but whitespace: two adjacent nodes may leave the space
+        // between their tokens to neither.
+        let covered = |spans: &[(usize, usize)], span: &std::ops::Range<usize>| {
+            let t = text.unwrap_or_default().as_bytes();
+            span.clone().all(|b| {
+                t.get(b).is_some_and(u8::is_ascii_whitespace)
+                    || spans.iter().any(|&(from, to)| from <= b && b < to)
+            })
+        };
+        let evidence_read = span.as_ref().map(|span| covered(&read, span));
+        let evidence_rank = span
+            .as_ref()
+            .and_then(|span| (1..=candidates.len()).find(|&k| covered(&candidates[..k], span)));
+        let alone_correct = match text {
+            Some(t) if self.plan.read_alone && self.method == Method::Tree => {
+                answer_alone(self.llm, self.settings, self.plan, case, t, &read)?
+            }
+            _ => None,
+        };
+        Ok(CaseResult {
+            id: case.id.clone(),
+            correct: correct(case, &a.answer),
+            answer: a.answer,
+            context_tokens_approx: case.context_tokens_approx,
+            depth: case.depth,
+            document_tokens: a.document_tokens,
+            first_token_ms: a.timings.first_token_ms,
+            injected_bytes: a.memory.injected_bytes,
+            kv_bytes: a.memory.kv_bytes,
+            full_attention_kv_bytes: a.memory.full_attention_kv_bytes,
+            peak_rss_bytes: a.memory.peak_rss_bytes,
+            evidence_read,
+            evidence_rank,
+            kind: case.kind.clone(),
+            alone_correct,
+            error: None,
+        })
+    }
+}
+
+/// A case whose answer failed.
+fn failed(case: &Case, e: &EngineError) -> CaseResult {
+    CaseResult {
+        id: case.id.clone(),
+        correct: false,
+        answer: String::new(),
+        context_tokens_approx: case.context_tokens_approx,
+        depth: case.depth,
+        document_tokens: 0,
+        first_token_ms: 0.0,
+        injected_bytes: None,
+        kv_bytes: 0,
+        full_attention_kv_bytes: None,
+        peak_rss_bytes: None,
+        evidence_read: None,
+        evidence_rank: None,
+        kind: case.kind.clone(),
+        alone_correct: None,
+        error: Some(e.to_string()),
+    }
+}
+
+/// One line for a finished case.
+fn case_line(r: &CaseResult) -> String {
+    format!(
+        "{} {} · {:.0} ms to first token{}{} · {}",
+        mark(r),
+        r.id,
+        r.first_token_ms,
+        match (r.evidence_read, r.evidence_rank) {
+            (Some(true), _) => " · evidence read in full".to_string(),
+            (Some(false), Some(k)) => format!(" · evidence not read in full (candidate {k})"),
+            (Some(false), None) => " · evidence not read in full".to_string(),
+            (None, _) => String::new(),
+        },
+        match r.alone_correct {
+            Some(true) => " · its passages alone: ✔",
+            Some(false) => " · its passages alone: ✘",
+            None => "",
+        },
+        r.error.clone().unwrap_or_else(|| one_line(&r.answer))
+    )
+}
+
+/// Run every case of `plan`, telling `say` about each as it finishes.
+pub fn run(
+    llm: &Llm,
+    settings: &Settings,
+    plan: &EvalPlan,
+    say: &mut dyn FnMut(&str),
+) -> Result<Vec<CaseResult>, EvalError> {
+    let method = if plan.oracle {
+        Method::Full
+    } else {
+        plan.method
+    };
+    let docs = plan
+        .cases
+        .iter()
+        .map(|case| document(plan, case))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut order: Vec<usize> = (0..plan.cases.len()).collect();
+    // Cases on the same document run together, so its tree is opened once.
+    order.sort_by(|&a, &b| docs[a].path.cmp(&docs[b].path));
+    let mut results: Vec<Option<CaseResult>> = vec![None; plan.cases.len()];
+    let cancel = AtomicBool::new(false);
+    let mut reader = Reader {
+        llm,
+        settings,
+        plan,
+        method,
+        session: None,
+        loaded: None,
+        cancel: &cancel,
+    };
+    for i in order {
+        let case = &plan.cases[i];
+        let r = match reader.answer(case, &docs[i], say)? {
+            Ok(a) => reader.score(case, a)?,
+            Err(e) => failed(case, &e),
+        };
+        say(&case_line(&r));
         results[i] = Some(r);
     }
     Ok(results.into_iter().flatten().collect())
@@ -784,41 +859,33 @@ pub fn run(
 /// their own with full attention; whether that answer is correct (`None` when the passages
 /// do not fit the model's window). Their text is kept as `<work_dir>/<case>.alone.txt`.
 fn answer_alone(
-    llm: &crate::model::Llm,
-    config: &crate::config::Config,
+    llm: &Llm,
+    settings: &Settings,
     plan: &EvalPlan,
     case: &Case,
     text: &str,
     spans: &[(usize, usize)],
-) -> anyhow::Result<Option<bool>> {
-    use crate::engine::{self, AskSettings, EngineError, Method};
-    use anyhow::Context;
+) -> Result<Option<bool>, EvalError> {
     let path = plan.work_dir.join(format!("{}.alone.txt", case.id));
     if spans.is_empty() {
         // Nothing was read at full resolution: nothing to answer from, and no file from an
         // earlier run may stand for this one.
         match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(e).with_context(|| path.display().to_string())
-            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_error(&path)(e)),
             _ => return Ok(Some(false)),
         }
     }
-    std::fs::create_dir_all(&plan.work_dir).with_context(|| plan.work_dir.display().to_string())?;
+    std::fs::create_dir_all(&plan.work_dir).map_err(io_error(&plan.work_dir))?;
     crate::store::write_atomic(&path, passages(text, spans).as_bytes())?;
-    let doc = crate::document::load(
-        &path,
-        &crate::document::LoadOptions::new(std::env::current_exe()?),
-    )?;
-    let settings = AskSettings::new(Method::Full, config, None);
-    let cancel = std::sync::atomic::AtomicBool::new(false);
-    let params = config.generate.sampling();
+    let doc = crate::document::load(&path, &settings.ingest.load)?;
+    let ask = AskSettings::new(Method::Full, &settings.rag, &settings.search, None);
+    let cancel = AtomicBool::new(false);
     match engine::ask(
         llm,
         &doc,
         &case.question,
-        &settings,
-        &params,
+        &ask,
+        &settings.sampling,
         &cancel,
         &mut |_| {},
     ) {
@@ -888,10 +955,6 @@ fn find_loosely(text: &str, needle: &str) -> Option<std::ops::Range<usize>> {
         from = at + first.chars().next().map_or(1, char::len_utf8);
     }
     None
-}
-
-fn unreachable_session() -> Result<crate::engine::Answer, crate::engine::EngineError> {
-    Err(crate::engine::EngineError::NeedsTree)
 }
 
 fn one_line(s: &str) -> String {

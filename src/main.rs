@@ -1,9 +1,11 @@
 //! The `slm-chat` binary: parse the command line, run it, print one clear line on failure.
 
+mod cli;
+
 use std::process::ExitCode;
 
 use clap::Parser;
-use slm_chat::cli::{self, Args, Exit};
+use cli::{Args, Exit};
 
 fn main() -> ExitCode {
     slm_chat::sys::pin_thread_count();

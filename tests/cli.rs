@@ -419,18 +419,86 @@ fn config_path_answers_even_when_the_config_is_broken_and_bad_settings_are_named
     let out = run_env(&["--config", bad, "config", "show"], &[]);
     assert_one_line_error(&out, "config.toml");
     let out = run_env(&["config", "show"], &[("SLM_CHAT_GENERATE_TOP_P", "1.5")]);
-    assert_one_line_error(&out, "generate.top_p");
+    assert_one_line_error(&out, "`top_p` in [generate]");
     let out = run_env(
         &["config", "show"],
         &[("SLM_CHAT_SEARCH_COARSE_BIAS", "-1")],
     );
-    assert_one_line_error(&out, "search.coarse_bias");
+    assert_one_line_error(&out, "`coarse_bias` in [search]");
     let out = run_env(&["ask", "x.txt", "q", "--coarse-bias=-0.5"], &[]);
-    assert_one_line_error(&out, "search.coarse_bias");
+    assert_one_line_error(&out, "SLM_CHAT_SEARCH_COARSE_BIAS or --coarse-bias)");
 }
 
 #[test]
 fn a_prefill_longer_than_the_window_is_refused() {
     let out = run(&["bench", "--prefill", "20000"], &default_model());
     assert_one_line_error(&out, "8192-token window");
+}
+
+/// Output that cannot be written (a full disk: `/dev/full`) is an error with a non-zero
+/// exit, not a truncated answer that exits 0; a closed pipe still ends quietly with 0.
+#[test]
+fn write_errors_of_ask_and_extract_are_reported() {
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full");
+    let Ok(full) = full else {
+        eprintln!("no /dev/full on this machine: skipped");
+        return;
+    };
+    let to_full = |args: &[&str]| {
+        let o = Command::new(exe())
+            .args(args)
+            .stdout(full.try_clone().expect("dup"))
+            .output()
+            .expect("run slm-chat");
+        Out {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::new(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    };
+    let sample = sample();
+    let sample = sample.to_str().expect("utf-8");
+    // `extract` says what it noticed about the document on stderr too; the error is last.
+    let out = to_full(&["extract", sample]);
+    assert_ne!(out.code, 0, "{}", out.stderr);
+    let last = out.stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("No space left on device"), "{}", out.stderr);
+    let model = default_model();
+    let model = model.to_str().expect("utf-8");
+    // A short document: `truncate` reads all of it with full attention.
+    let (_dir, short) = temp_file(
+        "note.txt",
+        b"Holmes lives at 221B Baker Street in London.\n",
+    );
+    let short = short.to_str().expect("utf-8");
+    let args = [
+        "--model",
+        model,
+        "ask",
+        short,
+        "Who is Holmes?",
+        "--method",
+        "truncate",
+        "--max-tokens",
+        "4",
+    ];
+    let out = to_full(&[&args[..], &["--json"]].concat());
+    assert_one_line_error(&out, "No space left on device");
+    let out = to_full(&args);
+    assert!(out.code != 0, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("No space left on device"),
+        "{}",
+        out.stderr
+    );
+
+    // `| head -c 10`: the reader goes away; that is not an error.
+    let mut child = Command::new(exe())
+        .args(["extract", sample])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run slm-chat");
+    drop(child.stdout.take());
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
 }

@@ -83,7 +83,7 @@ fn dense_vectors_are_stored_with_the_tree_and_rank_its_leaves() {
     let (tree, _) = open_or_build(
         llm(),
         &file,
-        &config,
+        &config.engine_settings(crate::util::exe()).ingest,
         false,
         &mut |_| {},
         &AtomicBool::new(false),
@@ -200,7 +200,7 @@ fn rag_ranks_passages_with_the_dense_scorer() {
     config.rag.chunk_tokens = 32;
     config.rag.max_tokens = 200;
     config.search.scorer = Scorer::Dense;
-    let settings = AskSettings::new(Method::Rag, &config, Some(embedder()));
+    let settings = AskSettings::new(Method::Rag, &config.rag, &config.search, Some(embedder()));
     let question = "Who played the violin?";
     let a = ask(
         llm(),
@@ -221,7 +221,7 @@ fn rag_ranks_passages_with_the_dense_scorer() {
         llm(),
         &doc,
         question,
-        &AskSettings::new(Method::Rag, &config, None),
+        &AskSettings::new(Method::Rag, &config.rag, &config.search, None),
         &crate::util::greedy(8),
         &AtomicBool::new(false),
         &mut |_| {},

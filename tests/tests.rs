@@ -25,3 +25,5 @@ mod eval;
 mod cli;
 // The terminal app: screen snapshots from scripted events, and the real binary in tmux.
 mod tui;
+// The crate's layers: no module imports one above it (DESIGN.md's one-way flow).
+mod layers;

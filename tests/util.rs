@@ -35,6 +35,12 @@ pub fn llm() -> &'static slm_chat::model::Llm {
 
 /// Qwen2.5-Coder-0.5B (qwen2: biases, NEOX rope, Q5_0/Q8_0/Q4_K/Q6_K blocks), from the
 /// catalogue through the same code path `--model qwen2.5-coder-0.5b` uses.
+/// A copy of the default model of the caller's own (the shared one's counters see every
+/// test running at the same time).
+pub fn own_llm() -> slm_chat::model::Llm {
+    slm_chat::model::load(&default_model(), &candle_core::Device::Cpu).expect("default model")
+}
+
 pub fn qwen_model() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {

@@ -417,6 +417,29 @@ fn xhtml_blocks(xml: &str) -> Vec<Block> {
 
 /// An EPUB document: one synthetic page per non-empty spine item, one level-1 section per
 /// item that has a title.
+/// Chapter titles by spine target, from the EPUB 3 nav document, then the EPUB 2 NCX.
+fn table_of_contents(
+    archive: &mut ZipArchive<Cursor<&[u8]>>,
+    package: &Package,
+) -> HashMap<String, String> {
+    let mut toc = HashMap::new();
+    for (path, is_nav) in [(&package.nav, true), (&package.ncx, false)] {
+        let Some(path) = path else { continue };
+        if let Ok(xml) = read_entry(archive, path) {
+            let base = folder_of(path);
+            let found = if is_nav {
+                nav_titles(&xml_text(&xml), &base)
+            } else {
+                ncx_titles(&xml_text(&xml), &base)
+            };
+            for (target, title) in found {
+                toc.entry(target).or_insert(title);
+            }
+        }
+    }
+    toc
+}
+
 pub(crate) fn load(bytes: &[u8], shown: &str, title: String) -> Result<Document, DocumentError> {
     let mut archive =
         ZipArchive::new(Cursor::new(bytes)).map_err(|_| damaged(shown, "not a readable zip"))?;
@@ -429,21 +452,7 @@ pub(crate) fn load(bytes: &[u8], shown: &str, title: String) -> Result<Document,
     if package.spine.is_empty() {
         return Err(damaged(shown, "the package has an empty spine"));
     }
-    let mut toc = HashMap::new();
-    for (path, is_nav) in [(&package.nav, true), (&package.ncx, false)] {
-        let Some(path) = path else { continue };
-        if let Ok(xml) = read_entry(&mut archive, path) {
-            let base = folder_of(path);
-            let found = if is_nav {
-                nav_titles(&xml_text(&xml), &base)
-            } else {
-                ncx_titles(&xml_text(&xml), &base)
-            };
-            for (target, title) in found {
-                toc.entry(target).or_insert(title);
-            }
-        }
-    }
+    let toc = table_of_contents(&mut archive, &package);
 
     let mut text = String::new();
     let mut pages = Vec::new();

@@ -125,6 +125,54 @@ pub(crate) fn load(
     fallback_title: String,
     opts: &LoadOptions,
 ) -> Result<Document, DocumentError> {
+    let (mut collected, timed_out) = collect(path, shown, opts)?;
+    if let Some((kind, detail)) = collected.failure.clone() {
+        if collected.total.is_none() {
+            return Err(match kind {
+                FailureKind::PasswordRequired => {
+                    DocumentError::PasswordRequired { path: shown.into() }
+                }
+                FailureKind::Damaged => DocumentError::DamagedPdf { path: shown.into() },
+                FailureKind::Unreadable => DocumentError::Io {
+                    path: shown.into(),
+                    reason: detail.to_lowercase(),
+                },
+            });
+        }
+    }
+    let Some(total) = collected.total else {
+        return Err(DocumentError::ExtractionFailed {
+            path: shown.into(),
+            reason: format!(
+                "timed out after {} s before the first page",
+                opts.timeout.as_secs()
+            ),
+        });
+    };
+    let why_missing = if timed_out {
+        format!(
+            "not reached within the {} s time limit",
+            opts.timeout.as_secs()
+        )
+    } else {
+        "not attempted after repeated crashes of the pdf reader".to_string()
+    };
+    for number in 1..=total {
+        if !collected.pages.contains_key(&number) {
+            collected.fail_page(number, why_missing.clone());
+        }
+    }
+    assemble(collected, total, shown, fallback_title, timed_out, opts)
+}
+
+/// Runs workers over the file until every page is in `Collected`, the time limit passes
+/// (then `true`), or the reader crashed too often; a worker that crashes on a page is
+/// restarted after it, the page marked failed.
+fn collect(
+    path: &Path,
+    shown: &str,
+    opts: &LoadOptions,
+) -> Result<(Collected, bool), DocumentError> {
     let deadline = Instant::now() + opts.timeout;
     let mut collected = Collected::default();
     let mut first_page = 1;
@@ -175,44 +223,7 @@ pub(crate) fn load(
             }
         }
     }
-
-    if let Some((kind, detail)) = collected.failure.clone() {
-        if collected.total.is_none() {
-            return Err(match kind {
-                FailureKind::PasswordRequired => {
-                    DocumentError::PasswordRequired { path: shown.into() }
-                }
-                FailureKind::Damaged => DocumentError::DamagedPdf { path: shown.into() },
-                FailureKind::Unreadable => DocumentError::Io {
-                    path: shown.into(),
-                    reason: detail.to_lowercase(),
-                },
-            });
-        }
-    }
-    let Some(total) = collected.total else {
-        return Err(DocumentError::ExtractionFailed {
-            path: shown.into(),
-            reason: format!(
-                "timed out after {} s before the first page",
-                opts.timeout.as_secs()
-            ),
-        });
-    };
-    let why_missing = if timed_out {
-        format!(
-            "not reached within the {} s time limit",
-            opts.timeout.as_secs()
-        )
-    } else {
-        "not attempted after repeated crashes of the pdf reader".to_string()
-    };
-    for number in 1..=total {
-        if !collected.pages.contains_key(&number) {
-            collected.fail_page(number, why_missing.clone());
-        }
-    }
-    assemble(collected, total, shown, fallback_title, timed_out, opts)
+    Ok((collected, timed_out))
 }
 
 /// Spawns one worker and feeds its events into `collected` until it ends or `deadline`.
@@ -357,38 +368,28 @@ fn page_list(pages: &[u32]) -> String {
     format!("{}{more}", shown.join(", "))
 }
 
-/// Normalises the pages, removes running lines, joins the text and decides the outcome.
-fn assemble(
-    collected: Collected,
-    total: u32,
+/// Why a PDF yields no document: no page could be read, or no text was found on those
+/// that could (encrypted, a scan, or the rest failed); `None` when there is text.
+fn nothing_readable(
+    raw: &[RawPage],
+    texts: &[String],
+    failed: &[u32],
+    encrypted: bool,
     shown: &str,
-    fallback_title: String,
-    timed_out: bool,
-    opts: &LoadOptions,
-) -> Result<Document, DocumentError> {
-    let raw: Vec<RawPage> = collected.pages.into_values().collect();
-    let mut texts: Vec<String> = raw.iter().map(|page| clean_pdf_page(&page.text)).collect();
-    let removed = strip_running_lines(&mut texts);
-    let texts: Vec<String> = texts.iter().map(|text| finish_pdf_page(text)).collect();
-
-    let failed: Vec<u32> = (1..=total)
-        .zip(&raw)
-        .filter(|(_, page)| page.failed)
-        .map(|(n, _)| n)
-        .collect();
+) -> Option<DocumentError> {
     let visible: usize = texts.iter().map(|text| visible_chars(text)).sum();
     if failed.len() == raw.len() {
         let first = raw
             .first()
             .and_then(|page| page.warnings.first().cloned())
             .unwrap_or_default();
-        return Err(DocumentError::ExtractionFailed {
+        return Some(DocumentError::ExtractionFailed {
             path: shown.into(),
             reason: format!("no page could be read: {first}"),
         });
     }
     if visible < MIN_DOCUMENT_CHARS {
-        return Err(if collected.encrypted {
+        return Some(if encrypted {
             DocumentError::Undecryptable { path: shown.into() }
         } else if failed.is_empty() {
             DocumentError::NoTextLayer { path: shown.into() }
@@ -397,12 +398,17 @@ fn assemble(
                 path: shown.into(),
                 reason: format!(
                     "no text on the pages that could be read; pages {} failed",
-                    page_list(&failed)
+                    page_list(failed)
                 ),
             }
         });
     }
+    None
+}
 
+/// The pages' texts joined with blank lines, each page's range in the result, and the pages
+/// with no text that did not fail (images or scans).
+fn join_pages(total: u32, raw: Vec<RawPage>, texts: Vec<String>) -> (String, Vec<Page>, Vec<u32>) {
     let mut text = String::new();
     let mut pages = Vec::with_capacity(raw.len());
     let mut empty = Vec::new();
@@ -425,6 +431,33 @@ fn assemble(
             warnings,
         });
     }
+    (text, pages, empty)
+}
+
+/// Normalises the pages, removes running lines, joins the text and decides the outcome.
+fn assemble(
+    collected: Collected,
+    total: u32,
+    shown: &str,
+    fallback_title: String,
+    timed_out: bool,
+    opts: &LoadOptions,
+) -> Result<Document, DocumentError> {
+    let raw: Vec<RawPage> = collected.pages.into_values().collect();
+    let mut texts: Vec<String> = raw.iter().map(|page| clean_pdf_page(&page.text)).collect();
+    let removed = strip_running_lines(&mut texts);
+    let texts: Vec<String> = texts.iter().map(|text| finish_pdf_page(text)).collect();
+
+    let failed: Vec<u32> = (1..=total)
+        .zip(&raw)
+        .filter(|(_, page)| page.failed)
+        .map(|(n, _)| n)
+        .collect();
+    if let Some(e) = nothing_readable(&raw, &texts, &failed, collected.encrypted, shown) {
+        return Err(e);
+    }
+
+    let (text, pages, empty) = join_pages(total, raw, texts);
 
     let mut notes = collected.notes;
     if !failed.is_empty() {

@@ -223,21 +223,12 @@ fn load_lopdf(bytes: &[u8]) -> Result<lopdf::Document, String> {
     }
 }
 
-fn extract(args: &PdfWorkerArgs, notes: Vec<String>) -> io::Result<()> {
-    let mut out = EventWriter(io::stdout().lock());
-    let bytes = match std::fs::read(&args.path) {
-        Ok(bytes) => bytes,
-        Err(err) => {
-            return out.send(&WorkerEvent::Failed {
-                kind: FailureKind::Unreadable,
-                detail: err.to_string(),
-            })
-        }
-    };
-
+/// The file opened by pdf-extract (decrypted with the empty password when it is
+/// encrypted), whether it was encrypted, and what went wrong opening it, if anything.
+fn open_primary(bytes: &[u8]) -> (Option<pdf_extract::Document>, bool, Option<String>) {
     let mut encrypted = false;
     let mut open_problem = None;
-    let primary = match guarded(|| pdf_extract::Document::load_mem(&bytes)) {
+    let primary = match guarded(|| pdf_extract::Document::load_mem(bytes)) {
         Ok(Ok(mut doc)) => {
             encrypted = doc.is_encrypted();
             if encrypted {
@@ -264,6 +255,22 @@ fn extract(args: &PdfWorkerArgs, notes: Vec<String>) -> io::Result<()> {
             None
         }
     };
+    (primary, encrypted, open_problem)
+}
+
+fn extract(args: &PdfWorkerArgs, notes: Vec<String>) -> io::Result<()> {
+    let mut out = EventWriter(io::stdout().lock());
+    let bytes = match std::fs::read(&args.path) {
+        Ok(bytes) => bytes,
+        Err(err) => {
+            return out.send(&WorkerEvent::Failed {
+                kind: FailureKind::Unreadable,
+                detail: err.to_string(),
+            })
+        }
+    };
+
+    let (primary, mut encrypted, open_problem) = open_primary(&bytes);
 
     let primary_pages: Vec<u32> = match &primary {
         Some(doc) => guarded(|| doc.get_pages().into_keys().collect()).unwrap_or_default(),

@@ -6,22 +6,26 @@ use std::time::Instant;
 
 use super::session::{Progress, Stage};
 use super::{DenseIndex, EngineError, TreeSession};
-use crate::config::Config;
-use crate::model::{self, Embedder, Llm};
+use crate::model::{self, Embedder, Llm, ModelChoice};
 use crate::store::{self, Tree};
+use crate::tree::search::Scorer;
 
 /// Names the embedder a tree's dense vectors were made with (its weights' checksum).
 const EMBEDDER_ID: &str = "all-MiniLM-L6-v2/53aa51172d14";
 
-/// The embedder for `config`'s scorer, fetched on first use; `None` when the scorer does not
-/// use it, or (said once through `say`) when it cannot be fetched or loaded: search then
-/// ranks with BM25 alone.
-pub fn load_embedder(config: &Config, say: &mut dyn FnMut(&str)) -> Option<Arc<Embedder>> {
-    if !config.search.scorer.is_dense() {
+/// The embedder for `scorer`, fetched into the model's folder on first use and run on its
+/// device; `None` when the scorer does not use it, or (said once through `say`) when it
+/// cannot be fetched or loaded: search then ranks with BM25 alone.
+pub fn load_embedder(
+    scorer: Scorer,
+    model: &ModelChoice,
+    say: &mut dyn FnMut(&str),
+) -> Option<Arc<Embedder>> {
+    if !scorer.is_dense() {
         return None;
     }
-    let loaded = model::ensure_embedder(&config.models_dir(), say).and_then(|dir| {
-        let device = model::select_device(config.model.device)?;
+    let loaded = model::ensure_embedder(&model.models_dir, say).and_then(|dir| {
+        let device = model::select_device(model.device)?;
         Embedder::load(&dir, &device)
     });
     match loaded {

@@ -12,14 +12,14 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::document::Document;
 use crate::model::{
-    generate, Embedder, Encoded, GenerationStats, Llm, Message, ModelError, SamplingParams,
-    StopReason,
+    generate, Embedder, Encoded, GenerationStats, Llm, Message, ModelChoice, ModelError,
+    SamplingParams, StopReason,
 };
-use crate::tree::search::{Fusion, Scorer};
+use crate::tree::search::{Fusion, Scorer, SearchSettings};
 use crate::tree::{chunk, Bm25};
 
 pub mod dense;
@@ -59,6 +59,36 @@ pub enum Method {
     Stream,
 }
 
+/// Everything the engine reads from the user's settings (`config.toml`, environment and flags
+/// are layered into these by `config`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub model: ModelChoice,
+    pub ingest: ingest::IngestSettings,
+    pub search: SearchSettings,
+    pub rag: RagSettings,
+    pub sampling: SamplingParams,
+}
+
+/// `[rag]`: the BM25 passages method.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RagSettings {
+    /// Tokens per chunk (cut at a sentence end within ±10 %).
+    pub chunk_tokens: usize,
+    /// Most document tokens `--method rag` puts in the prompt.
+    pub max_tokens: usize,
+}
+
+impl Default for RagSettings {
+    fn default() -> Self {
+        Self {
+            chunk_tokens: 256,
+            max_tokens: 1536,
+        }
+    }
+}
+
 /// How `ask` builds its prompt, beyond the method.
 #[derive(Debug, Clone)]
 pub struct AskSettings {
@@ -76,18 +106,19 @@ pub struct AskSettings {
 }
 
 impl AskSettings {
-    /// `method` with `config`'s `[rag]` and `[search]` settings.
+    /// `method` with the `rag` and search settings in force.
     pub fn new(
         method: Method,
-        config: &crate::config::Config,
+        rag: &RagSettings,
+        search: &SearchSettings,
         embedder: Option<Arc<Embedder>>,
     ) -> Self {
         Self {
             method,
-            chunk_tokens: config.rag.chunk_tokens,
-            rag_tokens: config.rag.max_tokens,
-            scorer: config.search.scorer,
-            fusion: config.search.fusion,
+            chunk_tokens: rag.chunk_tokens,
+            rag_tokens: rag.max_tokens,
+            scorer: search.scorer,
+            fusion: search.fusion,
             embedder,
         }
     }
@@ -289,19 +320,7 @@ pub fn ask(
                 window,
             })
         }
-        Method::Truncate => {
-            let mark = llm.tokenizer.encode(CUT_MARK, false)?;
-            let keep = room.saturating_sub(mark.len());
-            let head = keep.div_ceil(2);
-            let tail = keep - head;
-            let kept = [
-                &doc_tokens[..head],
-                &mark[..],
-                &doc_tokens[doc_tokens.len() - tail..],
-            ]
-            .concat();
-            (kept, keep)
-        }
+        Method::Truncate => truncated(llm, doc_tokens, room)?,
     };
     let prompt = [&parts.prefix[..], &kept[..], &parts.suffix[..]].concat();
     let mut cache = llm.model.new_cache();
@@ -336,6 +355,17 @@ pub fn ask(
             mapped_bytes: None,
         },
     })
+}
+
+/// `truncate`: the start and the end of the document around the cut mark, `room` tokens in
+/// all; the document tokens kept, and how many.
+fn truncated(llm: &Llm, doc: &[u32], room: usize) -> Result<(Vec<u32>, usize), EngineError> {
+    let mark = llm.tokenizer.encode(CUT_MARK, false)?;
+    let keep = room.saturating_sub(mark.len());
+    let head = keep.div_ceil(2);
+    let tail = keep - head;
+    let kept = [&doc[..head], &mark[..], &doc[doc.len() - tail..]].concat();
+    Ok((kept, keep))
 }
 
 /// The best BM25 chunks for `question` that fit `min(room, rag_tokens)`, as prompt tokens in

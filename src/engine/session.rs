@@ -115,11 +115,11 @@ pub enum Event {
     Error(String),
 }
 
-/// Where the session's document and model come from.
+/// The session's document, and the settings its model, tree and answers follow.
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
     pub file: PathBuf,
-    pub config: crate::config::Config,
+    pub settings: super::Settings,
 }
 
 /// A running worker: send requests, receive events, set `cancel` to stop the answer being

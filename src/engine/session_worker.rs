@@ -40,7 +40,7 @@ pub(super) fn run(
     let llm = match load_model(&opts, &out) {
         Ok(llm) => llm,
         Err(e) => {
-            out.send(Event::Error(format!("{e:#}")));
+            out.send(Event::Error(e.to_string()));
             return;
         }
     };
@@ -53,7 +53,8 @@ pub(super) fn run(
         }
     };
     let view = tree_view(&opts, &tree);
-    let embedder = crate::engine::dense::load_embedder(&opts.config, &mut |m| {
+    let s = &opts.settings;
+    let embedder = crate::engine::dense::load_embedder(s.search.scorer, &s.model, &mut |m| {
         out.progress(Stage::Open, m);
     });
     let mut say = |p: &Progress| {
@@ -92,28 +93,7 @@ pub(super) fn run(
                     Err(damage) => {
                         // A tensor the question read failed its checksum: build the tree
                         // again (showing progress), then go on with the new one.
-                        let mut say = |p: &Progress| {
-                            out.send(Event::Progress(p.clone()));
-                        };
-                        let rebuilt = ingest::rebuild(
-                            &llm,
-                            &opts.file,
-                            &opts.config,
-                            &damage,
-                            &mut say,
-                            &cancel,
-                        )
-                        .and_then(|(tree, _)| {
-                            let view = tree_view(&opts, &tree);
-                            let s = crate::engine::dense::session(
-                                &llm,
-                                tree,
-                                embedder.as_ref(),
-                                &mut say,
-                            )?;
-                            Ok((s, view))
-                        });
-                        match rebuilt {
+                        match rebuild(&opts, &llm, embedder.as_ref(), &damage, &out, &cancel) {
                             Ok((s, view)) => {
                                 session = s;
                                 if !out.send(Event::Ready(view)) {
@@ -135,14 +115,36 @@ pub(super) fn run(
     }
 }
 
-fn load_model(opts: &SessionOptions, out: &Reporter) -> anyhow::Result<Llm> {
+/// Build the damaged tree again and open a session on the new one.
+fn rebuild<'l>(
+    opts: &SessionOptions,
+    llm: &'l Llm,
+    embedder: Option<&Arc<crate::model::Embedder>>,
+    damage: &StoreError,
+    out: &Reporter,
+    cancel: &AtomicBool,
+) -> Result<(TreeSession<'l>, TreeView), EngineError> {
+    let mut say = |p: &Progress| {
+        out.send(Event::Progress(p.clone()));
+    };
+    let (tree, _) = ingest::rebuild(
+        llm,
+        &opts.file,
+        &opts.settings.ingest,
+        damage,
+        &mut say,
+        cancel,
+    )?;
+    let view = tree_view(opts, &tree);
+    let session = crate::engine::dense::session(llm, tree, embedder, &mut say)?;
+    Ok((session, view))
+}
+
+fn load_model(opts: &SessionOptions, out: &Reporter) -> Result<Llm, model::ModelError> {
     out.progress(Stage::Model, "loading the model");
-    let config = &opts.config;
-    let path = model::resolve_model(&config.model.path, &config.models_dir(), &mut |m| {
+    opts.settings.model.load(&mut |m| {
         out.progress(Stage::Model, m);
-    })?;
-    let device = model::select_device(config.model.device)?;
-    Ok(model::load(&path, &device)?)
+    })
 }
 
 fn open_tree(
@@ -158,7 +160,14 @@ fn open_tree(
     let mut say = |p: &Progress| {
         out.send(Event::Progress(p.clone()));
     };
-    let (tree, _) = ingest::open_or_build(llm, &opts.file, &opts.config, false, &mut say, cancel)?;
+    let (tree, _) = ingest::open_or_build(
+        llm,
+        &opts.file,
+        &opts.settings.ingest,
+        false,
+        &mut say,
+        cancel,
+    )?;
     Ok(tree)
 }
 
@@ -211,14 +220,14 @@ fn answer(
     out: &Reporter,
     base: &Stats,
 ) -> Result<bool, StoreError> {
-    let params = opts.config.generate.sampling();
+    let params = &opts.settings.sampling;
     let plan = &session.tree().manifest().plan;
     let kv_per_entry = (plan.config.layers * 2 * plan.kv_dim * 4) as u64;
     // Both callbacks note whether the UI is still listening.
     let alive = std::cell::Cell::new(true);
     // The budget as the status bar shows it (a typical question's length assumed).
     let budget = session
-        .budget(&opts.config.search, 64, params.max_tokens)
+        .budget(&opts.settings.search, 64, params.max_tokens)
         .total;
     let mut on_nodes = |nodes: &[NodeHit], entries: usize| {
         let sent = out.send(Event::Expanded(nodes.to_vec()))
@@ -235,8 +244,8 @@ fn answer(
     };
     let result = session.ask_reporting(
         question,
-        &opts.config.search,
-        &params,
+        &opts.settings.search,
+        params,
         cancel,
         &mut on_nodes,
         &mut on_text,

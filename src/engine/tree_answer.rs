@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{prompt_parts, timings, Answer, EngineError, Memory, Method, PromptParts};
 use crate::model::{generate, Embedder, Forward, KvCache, LayerKv, Llm, SamplingParams};
-use crate::store::Tree;
+use crate::store::{Plan, Tree};
 use crate::tree::layout::{level_rows, node_number, node_spans};
 use crate::tree::search::{
     self, Budget, Index, Positions, Query, Reread, SearchSettings, Selected, Shape,
@@ -72,8 +72,6 @@ pub struct TreeSession<'a> {
     node_lens: Vec<Vec<usize>>,
     /// Full-resolution KV of chunks re-encoded for earlier questions (trees without leaves).
     reencoded: HashMap<usize, Vec<f16>>,
-    /// Document tokens the lower model has run over since the tree was opened.
-    lower_tokens: usize,
     /// The cut mark `rag` puts between its passages, and its KV encoded like a chunk (once,
     /// when a question first needs it).
     mark: Vec<u32>,
@@ -122,7 +120,6 @@ impl<'a> TreeSession<'a> {
             prefix,
             node_lens,
             reencoded: HashMap::new(),
-            lower_tokens: 0,
             mark: llm.tokenizer.encode(super::CUT_MARK, false)?,
             mark_kv: None,
             dense: None,
@@ -143,11 +140,6 @@ impl<'a> TreeSession<'a> {
 
     pub fn tree(&self) -> &Tree {
         &self.tree
-    }
-
-    /// Document tokens the lower model has encoded since the tree was opened (check E).
-    pub fn lower_model_tokens(&self) -> usize {
-        self.lower_tokens
     }
 
     /// The entry budget a question gets under `settings`.
@@ -470,6 +462,79 @@ impl<'a> TreeSession<'a> {
         out
     }
 
+    /// Leaves the tree does not keep are encoded now, once per chunk per session, by one
+    /// encoder (its sink prefix runs once per question that needs any), and the cut mark's
+    /// KV once per session.
+    fn encode_missing(
+        &mut self,
+        selected: &[Selected],
+        cuts: &[bool],
+        reread: bool,
+        plan: &Plan,
+    ) -> Result<(), EngineError> {
+        let mut missing: Vec<usize> = Vec::new();
+        if !reread {
+            for s in selected.iter().filter(|s| s.alpha == 1) {
+                if self.tree.full(s.chunk)?.is_none()
+                    && !self.reencoded.contains_key(&s.chunk)
+                    && !missing.contains(&s.chunk)
+                {
+                    missing.push(s.chunk);
+                }
+            }
+        }
+        let needs_mark = !reread && self.mark_kv.is_none() && cuts.contains(&true);
+        if !missing.is_empty() || needs_mark {
+            let encoder = Encoder::new(&self.llm.model, plan.config.clone())?;
+            for chunk in missing {
+                let (a, b) = plan.chunks[chunk].tokens();
+                let kv = encoder.encode_full(&self.tree.tokens()[a..b])?;
+                self.reencoded.insert(chunk, kv);
+            }
+            if needs_mark {
+                self.mark_kv = Some(encoder.encode_full(&self.mark)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// What selected node `s` puts in the prompt: its tokens to read again, its stored (or
+    /// re-encoded) full-resolution KV, or its level's downsampled KV with the coarse bias.
+    fn node_part(
+        &self,
+        s: &Selected,
+        reread: bool,
+        plan: &Plan,
+        coarse_bias: f32,
+    ) -> Result<Part<'_>, EngineError> {
+        let len = self.node_lens[s.chunk][0];
+        let spans = node_spans(len, plan.config.height);
+        let number = node_number(s.level, s.index);
+        Ok(if s.alpha == 1 && reread {
+            let (a, b) = plan.chunks[s.chunk].nodes[number].tokens;
+            Part::Text(&self.tree.tokens()[a..b])
+        } else if s.alpha == 1 {
+            let full = match self.tree.full(s.chunk)? {
+                Some(f) => f,
+                None => self
+                    .reencoded
+                    .get(&s.chunk)
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]),
+            };
+            Part::Kv(full, len, spans[number].clone(), 0.0)
+        } else {
+            let rows = level_rows(&spans, s.level, s.alpha);
+            let total = rows.last().map_or(0, |r| r.end);
+            Part::Kv(
+                self.tree.level(s.chunk, s.level)?,
+                total,
+                rows[s.index].clone(),
+                coarse_bias,
+            )
+        })
+    }
+
     /// Put the selected nodes into `cache` after the prefix, with the cut mark before the
     /// nodes `cuts` says; returns the entries placed and how many of them were read as text.
     /// With `reread`, the passages at full resolution (and the marks) are run through the
@@ -490,32 +555,7 @@ impl<'a> TreeSession<'a> {
         // Text read now goes through every layer; with M < N the layers from M up must see
         // no document (METHOD.md, "Injection"), so such trees inject the stored passages.
         let reread = reread && plan.config.layers == self.llm.model.config().n_layer;
-        // Leaves the tree does not keep are encoded now, once per chunk per session, by one
-        // encoder (its sink prefix runs once per question that needs any).
-        let mut missing: Vec<usize> = Vec::new();
-        if !reread {
-            for s in selected.iter().filter(|s| s.alpha == 1) {
-                if self.tree.full(s.chunk)?.is_none()
-                    && !self.reencoded.contains_key(&s.chunk)
-                    && !missing.contains(&s.chunk)
-                {
-                    missing.push(s.chunk);
-                }
-            }
-        }
-        let needs_mark = !reread && self.mark_kv.is_none() && cuts.contains(&true);
-        if !missing.is_empty() || needs_mark {
-            let encoder = Encoder::new(&self.llm.model, plan.config.clone())?;
-            for chunk in missing {
-                let (a, b) = plan.chunks[chunk].tokens();
-                let kv = encoder.encode_full(&self.tree.tokens()[a..b])?;
-                self.lower_tokens += b - a;
-                self.reencoded.insert(chunk, kv);
-            }
-            if needs_mark {
-                self.mark_kv = Some(encoder.encode_full(&self.mark)?);
-            }
-        }
+        self.encode_missing(selected, cuts, reread, &plan)?;
         let mark = self.mark_kv.as_deref().unwrap_or(&[]);
         let mark_rows = self.mark.len();
         let mut parts: Vec<Part> = Vec::new();
@@ -527,66 +567,13 @@ impl<'a> TreeSession<'a> {
                     Part::Kv(mark, mark_rows, 0..mark_rows, 0.0)
                 });
             }
-            let len = self.node_lens[s.chunk][0];
-            let spans = node_spans(len, plan.config.height);
-            let number = node_number(s.level, s.index);
-            if s.alpha == 1 && reread {
-                let (a, b) = plan.chunks[s.chunk].nodes[number].tokens;
-                parts.push(Part::Text(&self.tree.tokens()[a..b]));
-            } else if s.alpha == 1 {
-                let full = match self.tree.full(s.chunk)? {
-                    Some(f) => f,
-                    None => self
-                        .reencoded
-                        .get(&s.chunk)
-                        .map(Vec::as_slice)
-                        .unwrap_or(&[]),
-                };
-                parts.push(Part::Kv(full, len, spans[number].clone(), 0.0));
-            } else {
-                let rows = level_rows(&spans, s.level, s.alpha);
-                let total = rows.last().map_or(0, |r| r.end);
-                parts.push(Part::Kv(
-                    self.tree.level(s.chunk, s.level)?,
-                    total,
-                    rows[s.index].clone(),
-                    coarse_bias,
-                ));
-            }
+            parts.push(self.node_part(s, reread, &plan, coarse_bias)?);
         }
         let n: usize = parts.iter().map(Part::len).sum();
         if n == 0 {
             return Ok((0, 0));
         }
-        let p = self.prefix_len;
-        // Each part's first position.
-        let mut starts = Vec::with_capacity(parts.len());
-        match positions {
-            Positions::Contiguous => {
-                let mut at = p;
-                for part in &parts {
-                    starts.push(at);
-                    at += part.len();
-                }
-            }
-            Positions::Chunk => {
-                let mut rank = 0;
-                let mut last = None;
-                // No cut marks and no reread here (`cut_marks`, `reread`): one part per
-                // selected node.
-                for s in selected {
-                    if last.is_some_and(|c| c != s.chunk) {
-                        rank += 1;
-                    }
-                    last = Some(s.chunk);
-                    starts.push(p + rank);
-                }
-            }
-        }
-        let next = match positions {
-            Positions::Contiguous => p + n,
-            Positions::Chunk => starts.last().map_or(p, |&x| x + 1),
-        };
+        let (starts, next) = part_starts(&parts, selected, positions, self.prefix_len);
         let span = |i: usize, len: usize| -> Vec<u32> {
             match positions {
                 Positions::Contiguous => (starts[i]..starts[i] + len).map(|x| x as u32).collect(),
@@ -710,6 +697,40 @@ impl<'s> Part<'s> {
         match self {
             Part::Kv(src, rows, take, bias) => Some((src, *rows, take.clone(), *bias)),
             Part::Text(_) => None,
+        }
+    }
+}
+/// Each part's first position, and the position after them all: consecutive from `prefix`
+/// (contiguous), or one position per chunk in order (the paper's chunk-level ids; there are
+/// no cut marks and no reread then, so one part per selected node).
+fn part_starts(
+    parts: &[Part],
+    selected: &[Selected],
+    positions: Positions,
+    prefix: usize,
+) -> (Vec<usize>, usize) {
+    let mut starts = Vec::with_capacity(parts.len());
+    match positions {
+        Positions::Contiguous => {
+            let mut at = prefix;
+            for part in parts {
+                starts.push(at);
+                at += part.len();
+            }
+            (starts, at)
+        }
+        Positions::Chunk => {
+            let mut rank = 0;
+            let mut last = None;
+            for s in selected {
+                if last.is_some_and(|c| c != s.chunk) {
+                    rank += 1;
+                }
+                last = Some(s.chunk);
+                starts.push(prefix + rank);
+            }
+            let next = starts.last().map_or(prefix, |&x| x + 1);
+            (starts, next)
         }
     }
 }

@@ -129,6 +129,23 @@ pub fn select_device(choice: DeviceChoice) -> Result<Device> {
     }
 }
 
+/// Which model to run and where: a catalogue name or a path (empty: the default model), the
+/// device, and the folder catalogue models are downloaded to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelChoice {
+    pub spec: String,
+    pub device: DeviceChoice,
+    pub models_dir: PathBuf,
+}
+
+impl ModelChoice {
+    /// Resolve (fetching a catalogue model if missing; `say` gets one line per step) and load.
+    pub fn load(&self, say: &mut dyn FnMut(&str)) -> Result<Llm> {
+        let path = resolve_model(&self.spec, &self.models_dir, say)?;
+        load(&path, &select_device(self.device)?)
+    }
+}
+
 /// A short name for a device, for status lines.
 pub fn device_name(device: &Device) -> &'static str {
     if device.is_cuda() {

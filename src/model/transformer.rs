@@ -7,6 +7,7 @@
 //! when asked. The context tree and the answer engine are both built on these calls.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
@@ -272,6 +273,8 @@ pub struct Model {
     /// cache. GGUF models run llama.cpp's numerics so their greedy answers stay next to
     /// llama.cpp's (BENCHMARKS.md, parity); safetensors models stay in f32 like transformers.
     pub(crate) kv_f16: bool,
+    /// Tokens whose keys and values a forward returned (`keep_kv`): the lower model's work.
+    kv_tokens: AtomicUsize,
 }
 
 impl Model {
@@ -294,7 +297,15 @@ impl Model {
             attention_block: DEFAULT_ATTENTION_BLOCK,
             tied,
             kv_f16: false,
+            kv_tokens: AtomicUsize::new(0),
         }
+    }
+
+    /// Tokens whose keys and values a forward has returned since the model was loaded:
+    /// everything the lower model encoded (the upper model never asks for them). Lets a
+    /// caller see, from outside the engine, whether answering a question re-read the document.
+    pub fn kv_tokens(&self) -> usize {
+        self.kv_tokens.load(Ordering::Relaxed)
     }
 
     /// The network's shape.
@@ -377,6 +388,9 @@ impl Model {
                 "layer range {:?} outside 0..{}",
                 f.layers, c.n_layer
             )));
+        }
+        if f.keep_kv {
+            self.kv_tokens.fetch_add(n, Ordering::Relaxed);
         }
         let rope = RopeTables::new(c, f.positions, &self.device)?;
         let plan = AttnPlan::new(n, f.segments, self.attention_block, &self.device)?;

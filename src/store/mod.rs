@@ -346,6 +346,13 @@ pub fn ids_hash(ids: &[u32]) -> String {
     blake3::hash(bytemuck::cast_slice(ids)).to_hex().to_string()
 }
 
+/// Chunks written and chunks planned of the build under way (or stopped) in `dir`.
+pub fn build_progress(dir: &Path) -> Option<(usize, usize)> {
+    let (plan, batches) = write::read_progress_plan(dir)?;
+    let total = plan.chunks.len();
+    Some(((batches * plan.config.batch_chunks).min(total), total))
+}
+
 /// Finished trees under `trees_dir` of the same model as `key` whose chunks were encoded
 /// as `config` encodes them, and for each chunk token hash, where its encoding is:
 /// `(tree dir, chunk)`.

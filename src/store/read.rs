@@ -8,8 +8,8 @@ use half::f16;
 use memmap2::Mmap;
 
 use super::{
-    tensor_name, Manifest, Result, StoreError, Sum, BM25, FORMAT_VERSION, MANIFEST, PROGRESS, TEXT,
-    TOKENS,
+    tensor_name, BatchEntry, Manifest, Result, StoreError, Sum, BM25, FORMAT_VERSION, MANIFEST,
+    PROGRESS, TEXT, TOKENS,
 };
 use crate::tree::{Bm25, EncodedChunk};
 
@@ -79,23 +79,78 @@ pub(super) fn read_manifest(dir: &Path) -> Result<Manifest> {
     Ok(manifest)
 }
 
+/// A file the manifest lists and the disk lacks is damage, not an I/O error.
+fn gone(dir: &Path, path: &Path, e: std::io::Error) -> StoreError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        StoreError::corrupt(dir, format!("{} is missing", path.display()))
+    } else {
+        StoreError::io(path)(e)
+    }
+}
+
+/// Map batch file `i` (`b` in the manifest), checking its size and that it holds exactly the
+/// tensors listed; each tensor's place goes into `slots`.
+fn map_batch(
+    dir: &Path,
+    i: usize,
+    b: &BatchEntry,
+    slots: &mut HashMap<String, Slot>,
+) -> Result<Mmap> {
+    let path = dir.join(&b.file);
+    let file = std::fs::File::open(&path).map_err(|e| gone(dir, &path, e))?;
+    let len = file.metadata().map_err(StoreError::io(&path))?.len();
+    if len != b.bytes {
+        return Err(StoreError::corrupt(
+            dir,
+            format!("{} is {len} bytes, expected {}", b.file, b.bytes),
+        ));
+    }
+    // SAFETY: the store's files are only ever replaced by rename, never modified in
+    // place, so the mapped bytes do not change under us; every tensor read from the
+    // map is checked against its BLAKE3 sum before use.
+    #[allow(unsafe_code)]
+    let map = unsafe { Mmap::map(&file) }.map_err(StoreError::io(&path))?;
+    let st = safetensors::SafeTensors::deserialize(&map)
+        .map_err(|e| StoreError::corrupt(dir, format!("{}: {e}", b.file)))?;
+    let base = map.as_ptr() as usize;
+    let mut in_file = 0;
+    for (name, view) in st.tensors() {
+        in_file += 1;
+        let Some(sum) = b.tensors.get(&name) else {
+            return Err(StoreError::corrupt(
+                dir,
+                format!("{}: stray tensor {name}", b.file),
+            ));
+        };
+        let start = view.data().as_ptr() as usize - base;
+        slots.insert(
+            name,
+            Slot {
+                file: i,
+                start,
+                end: start + view.data().len(),
+                blake3: sum.clone(),
+            },
+        );
+    }
+    if in_file != b.tensors.len() {
+        return Err(StoreError::corrupt(
+            dir,
+            format!("{}: missing tensors", b.file),
+        ));
+    }
+    Ok(map)
+}
+
 impl Tree {
     /// Open the finished tree in `dir`, checking the manifest, every file's size, the small
     /// files and the node vectors.
     pub fn open(dir: &Path) -> Result<Self> {
         let manifest = read_manifest(dir)?;
         let plan = &manifest.plan;
-        // A file the manifest lists and the disk lacks is damage, not an I/O error.
-        let gone = |path: &Path, e: std::io::Error| -> StoreError {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                StoreError::corrupt(dir, format!("{} is missing", path.display()))
-            } else {
-                StoreError::io(path)(e)
-            }
-        };
         let read_checked = |name: &str, sum: &Sum| -> Result<Vec<u8>> {
             let path = dir.join(name);
-            let bytes = std::fs::read(&path).map_err(|e| gone(&path, e))?;
+            let bytes = std::fs::read(&path).map_err(|e| gone(dir, &path, e))?;
             if Sum::of(&bytes) != *sum {
                 return Err(StoreError::corrupt(dir, format!("{name} checksum")));
             }
@@ -109,50 +164,7 @@ impl Tree {
         let mut maps = Vec::with_capacity(manifest.batches.len());
         let mut slots = HashMap::new();
         for (i, b) in manifest.batches.iter().enumerate() {
-            let path = dir.join(&b.file);
-            let file = std::fs::File::open(&path).map_err(|e| gone(&path, e))?;
-            let len = file.metadata().map_err(StoreError::io(&path))?.len();
-            if len != b.bytes {
-                return Err(StoreError::corrupt(
-                    dir,
-                    format!("{} is {len} bytes, expected {}", b.file, b.bytes),
-                ));
-            }
-            // SAFETY: the store's files are only ever replaced by rename, never modified in
-            // place, so the mapped bytes do not change under us; every tensor read from the
-            // map is checked against its BLAKE3 sum before use.
-            #[allow(unsafe_code)]
-            let map = unsafe { Mmap::map(&file) }.map_err(StoreError::io(&path))?;
-            let st = safetensors::SafeTensors::deserialize(&map)
-                .map_err(|e| StoreError::corrupt(dir, format!("{}: {e}", b.file)))?;
-            let base = map.as_ptr() as usize;
-            let mut in_file = 0;
-            for (name, view) in st.tensors() {
-                in_file += 1;
-                let Some(sum) = b.tensors.get(&name) else {
-                    return Err(StoreError::corrupt(
-                        dir,
-                        format!("{}: stray tensor {name}", b.file),
-                    ));
-                };
-                let start = view.data().as_ptr() as usize - base;
-                slots.insert(
-                    name,
-                    Slot {
-                        file: i,
-                        start,
-                        end: start + view.data().len(),
-                        blake3: sum.clone(),
-                    },
-                );
-            }
-            if in_file != b.tensors.len() {
-                return Err(StoreError::corrupt(
-                    dir,
-                    format!("{}: missing tensors", b.file),
-                ));
-            }
-            maps.push(map);
+            maps.push(map_batch(dir, i, b, &mut slots)?);
         }
         let mut tree = Self {
             dir: dir.to_path_buf(),

@@ -602,6 +602,155 @@ impl Ord for Item {
     }
 }
 
+/// Best-first growth under the budgets (see [`best_first`]): what is selected so far, what
+/// it costs, and the queue of nodes that may still be refined.
+struct Fill<'a> {
+    scores: &'a [f32],
+    shape: &'a Shape<'a>,
+    budget: Budget,
+    leaves: usize,
+    /// Selected nodes; a refined node's slot is emptied and its children appended.
+    slots: Vec<Option<Selected>>,
+    heap: BinaryHeap<Item>,
+    /// Entries injected, and entries at full resolution.
+    used: usize,
+    fine: usize,
+    /// Score lent to a leaf (by chunk and leaf index) by a neighbour read in full.
+    lent: HashMap<(usize, usize), f32>,
+}
+
+impl Fill<'_> {
+    /// Entries a node costs at full resolution (a level kept at α = 1 counts like a leaf).
+    fn fine_cost(s: &Selected) -> usize {
+        if s.alpha == 1 {
+            s.entries
+        } else {
+            0
+        }
+    }
+
+    /// The cut marks around a node read at full resolution.
+    fn marks(&self, s: &Selected) -> usize {
+        if s.alpha == 1 {
+            2 * self.budget.separator
+        } else {
+            0
+        }
+    }
+
+    /// A node's score, or the better one a neighbour lent to any leaf under it.
+    fn effective(&self, s: &Selected) -> f32 {
+        let width = self.leaves >> s.level;
+        (s.index * width..(s.index + 1) * width)
+            .filter_map(|leaf| self.lent.get(&(s.chunk, leaf)).copied())
+            .fold(s.score, f32::max)
+    }
+
+    /// Every chunk that fits `room`, best first, at its coarsest level.
+    fn seed(&mut self, room: usize) {
+        for chunk in chunks_by_score(self.scores, self.shape) {
+            let s = node(self.shape, self.scores, chunk, 0, 0, self.shape.alpha[0]);
+            let cost = s.entries + self.marks(&s);
+            if self.used + cost <= room && self.fine + Self::fine_cost(&s) <= self.budget.fine {
+                self.used += cost;
+                self.fine += Self::fine_cost(&s);
+                self.heap.push(Item {
+                    score: s.score,
+                    slot: self.slots.len(),
+                });
+                self.slots.push(Some(s));
+            }
+        }
+    }
+
+    /// Read `cur` (in `slot`) whole at full resolution if it fits: above the leaves, a whole
+    /// passage at once, its halves side by side, not scattered. With `lend`, a leaf read for
+    /// its own score lends its neighbours a share of it.
+    fn read_whole(&mut self, slot: usize, cur: &Selected, now: f32, lend: bool) -> bool {
+        let len = self.shape.node_lens[cur.chunk][node_number(cur.level, cur.index)];
+        let extra = len.saturating_sub(cur.entries) + 2 * self.budget.separator;
+        if self.used + extra > self.budget.total || self.fine + len > self.budget.fine {
+            return false;
+        }
+        self.used += extra;
+        self.fine += len;
+        self.slots[slot] = Some(Selected {
+            alpha: 1,
+            entries: len,
+            ..cur.clone()
+        });
+        // One step only: a leaf read for its neighbour's sake lends nothing on.
+        if lend && cur.level == self.shape.height && cur.score >= now {
+            self.lend_neighbours(cur.chunk * self.leaves + cur.index, now);
+        }
+        true
+    }
+
+    /// Leaf `global` (numbered across chunks) was read in full: its neighbours on either
+    /// side, across chunk boundaries, bid for a place with a share of its score `now`, and
+    /// the nodes holding them are queued again at that score.
+    fn lend_neighbours(&mut self, global: usize, now: f32) {
+        let (leaves, all) = (self.leaves, self.shape.node_lens.len() * self.leaves);
+        for (next, factor) in [(global + 1, 0.999), (global.wrapping_sub(1), 0.998)] {
+            if next >= all {
+                continue;
+            }
+            let key = (next / leaves, next % leaves);
+            let bid = now * factor;
+            if !self.lent.get(&key).is_none_or(|&b| b < bid) {
+                continue;
+            }
+            self.lent.insert(key, bid);
+            let holder = self.slots.iter().position(|s| {
+                s.as_ref().is_some_and(|s| {
+                    let width = leaves >> s.level;
+                    s.chunk == key.0 && s.index == key.1 / width && s.alpha > 1
+                })
+            });
+            if let Some(h) = holder {
+                self.heap.push(Item {
+                    score: bid,
+                    slot: h,
+                });
+            }
+        }
+    }
+
+    /// Replace `cur` (in `slot`) by its two children at the next level, if they fit.
+    fn split(&mut self, slot: usize, cur: &Selected) {
+        let level = cur.level + 1;
+        let a = self.shape.alpha[level];
+        let kids = [
+            node(self.shape, self.scores, cur.chunk, level, 2 * cur.index, a),
+            node(
+                self.shape,
+                self.scores,
+                cur.chunk,
+                level,
+                2 * cur.index + 1,
+                a,
+            ),
+        ];
+        let cost: usize = kids.iter().map(|k| k.entries + self.marks(k)).sum();
+        let kids_fine: usize = kids.iter().map(Self::fine_cost).sum();
+        // `used` always includes `cur.entries` (and `fine` its own, if any).
+        let used = self.used - cur.entries + cost;
+        let fine = self.fine - Self::fine_cost(cur) + kids_fine;
+        if used > self.budget.total || fine > self.budget.fine {
+            return;
+        }
+        (self.used, self.fine) = (used, fine);
+        self.slots[slot] = None;
+        for k in kids {
+            self.heap.push(Item {
+                score: self.effective(&k),
+                slot: self.slots.len(),
+            });
+            self.slots.push(Some(k));
+        }
+    }
+}
+
 /// Start from every chunk at level 0 (dropping the worst chunks when they would leave no
 /// room for `reserve` entries of refinement), then replace the best-scoring node by its
 /// two children — or a deepest node by its full-resolution tokens — while both budgets hold.
@@ -616,137 +765,39 @@ fn best_first(
     lend: bool,
     reserve: usize,
 ) -> Vec<Selected> {
-    let leaves = 1usize << shape.height;
-    let chunks = shape.node_lens.len();
-    // Score lent to a leaf (by chunk and leaf index) by a neighbour read in full.
-    let mut lent: HashMap<(usize, usize), f32> = HashMap::new();
-    let effective = |lent: &HashMap<(usize, usize), f32>, s: &Selected| -> f32 {
-        let width = leaves >> s.level;
-        (s.index * width..(s.index + 1) * width)
-            .filter_map(|leaf| lent.get(&(s.chunk, leaf)).copied())
-            .fold(s.score, f32::max)
+    let mut f = Fill {
+        scores,
+        shape,
+        budget,
+        leaves: 1usize << shape.height,
+        slots: Vec::new(),
+        heap: BinaryHeap::new(),
+        used: 0,
+        fine: 0,
+        lent: HashMap::new(),
     };
-    let mut slots: Vec<Option<Selected>> = Vec::new();
-    let mut used = 0;
-    let mut fine = 0;
-    let mut start: Vec<usize> = Vec::new();
-    let coarse_room = budget.total.saturating_sub(reserve).max(budget.total / 4);
-    // A level kept at α = 1 counts against the full-resolution budget like a leaf.
-    let fine_cost = |s: &Selected| if s.alpha == 1 { s.entries } else { 0 };
-    let marks = |s: &Selected| {
-        if s.alpha == 1 {
-            2 * budget.separator
-        } else {
-            0
-        }
-    };
-    for chunk in chunks_by_score(scores, shape) {
-        let s = node(shape, scores, chunk, 0, 0, shape.alpha[0]);
-        let cost = s.entries + marks(&s);
-        if used + cost <= coarse_room && fine + fine_cost(&s) <= budget.fine {
-            used += cost;
-            fine += fine_cost(&s);
-            start.push(slots.len());
-            slots.push(Some(s));
-        }
-    }
-    let mut heap: BinaryHeap<Item> = start
-        .into_iter()
-        .filter_map(|i| {
-            slots[i].as_ref().map(|s| Item {
-                score: s.score,
-                slot: i,
-            })
-        })
-        .collect();
-    while let Some(Item { slot, score }) = heap.pop() {
-        let Some(cur) = slots[slot].clone() else {
+    f.seed(budget.total.saturating_sub(reserve).max(budget.total / 4));
+    while let Some(Item { slot, score }) = f.heap.pop() {
+        let Some(cur) = f.slots[slot].clone() else {
             continue;
         };
         if cur.alpha == 1 {
             continue;
         }
-        let now = effective(&lent, &cur);
+        let now = f.effective(&cur);
         if now > score {
             // A neighbour lent it a better score since it was queued.
-            heap.push(Item { score: now, slot });
+            f.heap.push(Item { score: now, slot });
             continue;
         }
-        if cur.level >= budget.fine_level.min(shape.height) {
-            let len = shape.node_lens[cur.chunk][node_number(cur.level, cur.index)];
-            let extra = len.saturating_sub(cur.entries) + 2 * budget.separator;
-            let fits = used + extra <= budget.total && fine + len <= budget.fine;
-            if fits {
-                // Above the leaves, a whole passage at once: its halves read side by side,
-                // not scattered.
-                used += extra;
-                fine += len;
-                slots[slot] = Some(Selected {
-                    alpha: 1,
-                    entries: len,
-                    ..cur
-                });
-                // A leaf's neighbours on either side, across chunk boundaries, come next
-                // (one step only: a leaf read for its neighbour's sake lends nothing on).
-                let global = cur.chunk * leaves + cur.index;
-                let neighbours = if lend && cur.level == shape.height && cur.score >= now {
-                    vec![(global + 1, 0.999), (global.wrapping_sub(1), 0.998)]
-                } else {
-                    Vec::new()
-                };
-                for (next, factor) in neighbours {
-                    if next >= chunks * leaves {
-                        continue;
-                    }
-                    let key = (next / leaves, next % leaves);
-                    let bid = now * factor;
-                    if lent.get(&key).is_none_or(|&b| b < bid) {
-                        lent.insert(key, bid);
-                        let holder = slots.iter().position(|s| {
-                            s.as_ref().is_some_and(|s| {
-                                let width = leaves >> s.level;
-                                s.chunk == key.0 && s.index == key.1 / width && s.alpha > 1
-                            })
-                        });
-                        if let Some(h) = holder {
-                            heap.push(Item {
-                                score: bid,
-                                slot: h,
-                            });
-                        }
-                    }
-                }
-            }
-            if fits || cur.level == shape.height {
-                continue;
-            }
-        }
-        let level = cur.level + 1;
-        let a = shape.alpha[level];
-        let kids = [
-            node(shape, scores, cur.chunk, level, 2 * cur.index, a),
-            node(shape, scores, cur.chunk, level, 2 * cur.index + 1, a),
-        ];
-        let cost: usize = kids.iter().map(|k| k.entries + marks(k)).sum();
-        let kids_fine: usize = kids.iter().map(fine_cost).sum();
-        // `used` always includes `cur.entries` (and `fine` its own, if any).
-        if used - cur.entries + cost > budget.total
-            || fine - fine_cost(&cur) + kids_fine > budget.fine
+        if cur.level >= budget.fine_level.min(shape.height)
+            && (f.read_whole(slot, &cur, now, lend) || cur.level == shape.height)
         {
             continue;
         }
-        used = used + cost - cur.entries;
-        fine = fine - fine_cost(&cur) + kids_fine;
-        slots[slot] = None;
-        for k in kids {
-            heap.push(Item {
-                score: effective(&lent, &k),
-                slot: slots.len(),
-            });
-            slots.push(Some(k));
-        }
+        f.split(slot, &cur);
     }
-    slots
+    f.slots
         .into_iter()
         .flatten()
         .filter(|s| s.entries > 0)

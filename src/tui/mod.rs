@@ -1,11 +1,13 @@
 //! The terminal app: `slm-chat FILE`.
 //!
-//! One event loop ([`run`]) owns the terminal, the engine session and every file it
-//! writes. Keys, engine events, a tick and SIGTERM all become [`app::Msg`]s; the
-//! [`app::App`] turns them into state and [`app::Effect`]s; [`ui::draw`] paints the state.
-//! The UI never sees the model: only the session's typed events.
+//! One event loop ([`run`]) owns the terminal and the engine session it is given. Keys,
+//! engine events, a tick and SIGTERM all become [`app::Msg`]s; the [`app::App`] turns them
+//! into state and [`app::Effect`]s; [`ui::draw`] paints the state. Disk work (the saved
+//! conversation) runs on its own thread ([`files`]). The UI never sees the model: only the
+//! session's typed events.
 
 pub mod app;
+mod files;
 pub mod history;
 pub mod markdown;
 pub mod ui;
@@ -15,25 +17,42 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
 use ratatui::backend::CrosstermBackend;
 use ratatui::crossterm::event::{self, DisableBracketedPaste, EnableBracketedPaste};
 use ratatui::crossterm::terminal::{self, EnterAlternateScreen, LeaveAlternateScreen};
 use ratatui::crossterm::{cursor, execute};
 use ratatui::Terminal;
-use sha2::Digest;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::config::Config;
-use crate::engine::session::{self, Event, SessionOptions};
+use crate::engine::session::{self, Event, Session};
 use app::{App, Effect, Msg};
+use files::Files;
 
-/// What the TUI needs to start.
+/// What the TUI needs to start, besides the session answering its questions.
 pub struct Options {
     pub file: PathBuf,
-    pub config: Config,
+    /// Where the TUI's log goes.
+    pub log_path: PathBuf,
     /// Where conversations are kept (the data dir's `history` when None).
     pub history_dir: Option<PathBuf>,
+}
+
+/// Why the TUI could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum TuiError {
+    #[error("{0}: no such file")]
+    NoSuchFile(PathBuf),
+    #[error("{file}: standard output is not a terminal; for scripts use `slm-chat ask {file} \"QUESTION\"`")]
+    NotATerminal { file: String },
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
+}
+
+type Result<T> = std::result::Result<T, TuiError>;
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TuiError {
+    let what = what.into();
+    move |error| TuiError::Io { what, error }
 }
 
 /// Redraws per second while nothing else happens (spinners, live rates, RSS).
@@ -43,47 +62,45 @@ const BATCH: usize = 64;
 /// How long quitting waits for the engine to finish what it is writing.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 
-/// Run the TUI on `opts.file` until the user quits.
-pub fn run(opts: Options) -> Result<()> {
+/// Run the TUI on `opts.file`, asking `session`, until the user quits.
+pub fn run(opts: Options, session: Session) -> Result<()> {
     // Document problems (unreadable, not a PDF, …) are shown inside the app; a path that
     // is not there at all is a typo better answered before the screen is taken over.
-    if !opts.file.is_file() {
-        anyhow::bail!("{}: no such file", opts.file.display());
+    let refused = if !opts.file.is_file() {
+        Some(TuiError::NoSuchFile(opts.file.clone()))
+    } else if !std::io::stdout().is_terminal() {
+        Some(TuiError::NotATerminal {
+            file: opts.file.display().to_string(),
+        })
+    } else {
+        None
+    };
+    if let Some(e) = refused {
+        session.shutdown();
+        return Err(e);
     }
-    if !std::io::stdout().is_terminal() {
-        return Err(crate::cli::Exit {
-            message: format!(
-                "{}: standard output is not a terminal; for scripts use `slm-chat ask {} \"QUESTION\"`",
-                opts.file.display(),
-                opts.file.display()
-            ),
-            code: 2,
-        }
-        .into());
-    }
-    let log_path = opts.config.cache_dir().join("logs").join("slm-chat.log");
-    let _log_guard = init_logging(&log_path)?;
+    let _log_guard = init_logging(&opts.log_path)?;
     tracing::info!(file = %opts.file.display(), "starting the TUI");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
         .build()
-        .context("cannot start the event loop")?;
-    let result = rt.block_on(event_loop(opts, &log_path));
+        .map_err(io("cannot start the event loop"))?;
+    let result = rt.block_on(event_loop(opts, session));
     if let Err(e) = &result {
-        tracing::error!("{e:#}");
+        tracing::error!("{e}");
     }
     result
 }
 
 fn init_logging(path: &Path) -> Result<tracing_appender::non_blocking::WorkerGuard> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(io(format!("{}: cannot create", dir.display())))?;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .with_context(|| format!("{}: cannot open the log", path.display()))?;
+        .map_err(io(format!("{}: cannot open the log", path.display())))?;
     let (writer, guard) = tracing_appender::non_blocking(file);
     // A second TUI in the same process (tests) keeps the first subscriber; that is fine.
     let _ = tracing_subscriber::fmt()
@@ -99,14 +116,14 @@ struct TerminalGuard;
 
 impl TerminalGuard {
     fn enter() -> Result<TerminalGuard> {
-        terminal::enable_raw_mode().context("cannot switch the terminal to raw mode")?;
+        terminal::enable_raw_mode().map_err(io("cannot switch the terminal to raw mode"))?;
         let guard = TerminalGuard;
         execute!(
             std::io::stdout(),
             EnterAlternateScreen,
             EnableBracketedPaste
         )
-        .context("cannot set up the terminal")?;
+        .map_err(io("cannot set up the terminal"))?;
         Ok(guard)
     }
 }
@@ -150,124 +167,161 @@ fn install_panic_hook() {
     }));
 }
 
-async fn event_loop(opts: Options, log_path: &Path) -> Result<()> {
+fn open_terminal() -> Result<Terminal<CrosstermBackend<std::io::Stdout>>> {
+    let mut terminal = Terminal::new(CrosstermBackend::new(std::io::stdout()))
+        .map_err(io("cannot draw on the terminal"))?;
+    terminal.clear().map_err(io("cannot clear the terminal"))?;
+    Ok(terminal)
+}
+
+/// The loop's channels: messages in, and the engine's end.
+struct Inbox {
+    tx: UnboundedSender<Msg>,
+    rx: UnboundedReceiver<Msg>,
+    sigterm: tokio::signal::unix::Signal,
+    sighup: tokio::signal::unix::Signal,
+    tick: tokio::time::Interval,
+}
+
+impl Inbox {
+    /// The next message: a signal first, then whatever arrived, else the tick.
+    async fn next(&mut self) -> Msg {
+        tokio::select! {
+            biased;
+            _ = self.sigterm.recv() => Msg::Quit,
+            _ = self.sighup.recv() => Msg::Quit,
+            Some(m) = self.rx.recv() => m,
+            _ = self.tick.tick() => {
+                if let Some(rss) = crate::sys::rss_bytes() {
+                    let _ = self.tx.send(Msg::Rss(rss));
+                }
+                Msg::Tick
+            }
+        }
+    }
+}
+
+/// The app and what it drives: the engine's requests, the history thread, the clipboard.
+struct Driver {
+    app: App,
+    requests: std::sync::mpsc::Sender<session::Request>,
+    cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    files: Files,
+    clipboard: Clipboard,
+    started: Instant,
+}
+
+impl Driver {
+    /// One message through the app, and the effects it asks for carried out.
+    fn handle(&mut self, msg: Msg) {
+        if let Msg::Engine(Event::Ready(view)) = &msg {
+            tracing::info!(
+                secs = self.started.elapsed().as_secs_f64(),
+                nodes = view.nodes.len(),
+                "ready"
+            );
+            self.files.load(&view.document_key);
+        }
+        for effect in self.app.update(msg, Instant::now()) {
+            if let Some(m) = self.carry_out(effect) {
+                self.app.update(m, Instant::now());
+            }
+        }
+    }
+
+    /// Do one effect; returns what the app should hear back at once.
+    fn carry_out(&mut self, effect: Effect) -> Option<Msg> {
+        match effect {
+            Effect::Ask(q) => {
+                tracing::info!(question = %q, "ask");
+                let sent = self.requests.send(session::Request::Ask(q)).is_ok();
+                (!sent).then_some(Msg::EngineGone)
+            }
+            Effect::Stop => {
+                self.cancel.store(true, Ordering::SeqCst);
+                None
+            }
+            Effect::SaveHistory => {
+                self.files.save(&self.app.turns);
+                None
+            }
+            Effect::Export => {
+                self.files.export(&self.app.turns);
+                None
+            }
+            Effect::Copy(text) => Some(Msg::Notice(self.clipboard.copy(&text))),
+            Effect::Quit => None,
+        }
+    }
+}
+
+async fn event_loop(opts: Options, session: Session) -> Result<()> {
     let started = Instant::now();
     let title = opts.file.file_name().map_or_else(
         || opts.file.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     );
-    let history_dir = opts
-        .history_dir
-        .clone()
-        .unwrap_or_else(history::default_dir);
-    let file = opts.file.clone();
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot watch for SIGTERM")?;
-    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("cannot watch for SIGHUP")?;
-
+    let signal = |kind| tokio::signal::unix::signal(kind).map_err(io("cannot watch for signals"));
+    let (tx, rx) = unbounded_channel::<Msg>();
+    let mut inbox = Inbox {
+        tx: tx.clone(),
+        rx,
+        sigterm: signal(tokio::signal::unix::SignalKind::terminate())?,
+        sighup: signal(tokio::signal::unix::SignalKind::hangup())?,
+        tick: tokio::time::interval(TICK),
+    };
     install_panic_hook();
     let guard = TerminalGuard::enter()?;
-    let mut terminal = Terminal::new(CrosstermBackend::new(std::io::stdout()))?;
-    terminal.clear()?;
+    let mut terminal = open_terminal()?;
 
-    let session = session::start(SessionOptions {
-        file: opts.file.clone(),
-        config: opts.config.clone(),
-    });
-    let requests = session.requests.clone();
-    let cancel = session.cancel.clone();
-    let (tx, mut rx) = unbounded_channel::<Msg>();
+    let Session {
+        requests,
+        events,
+        cancel,
+        ..
+    } = session;
     let (gone_tx, mut gone_rx) = tokio::sync::watch::channel(false);
-    bridge_engine(session.events, tx.clone(), gone_tx);
+    bridge_engine(events, tx.clone(), gone_tx);
     read_terminal(tx.clone());
 
-    let mut app = App::new(title.clone(), log_path.display().to_string());
-    let size = terminal.size()?;
+    let mut app = App::new(title.clone(), opts.log_path.display().to_string());
+    let size = terminal
+        .size()
+        .map_err(io("cannot read the terminal's size"))?;
     app.size = (size.width, size.height);
-    let mut out = Outside {
-        history_dir,
-        file,
-        title,
-        key: None,
-        clipboard: None,
+    let history_dir = opts.history_dir.unwrap_or_else(history::default_dir);
+    let mut d = Driver {
+        app,
+        requests,
+        cancel,
+        files: Files::start(history_dir, opts.file, title, tx.clone()),
+        clipboard: Clipboard::default(),
+        started,
     };
-    let mut tick = tokio::time::interval(TICK);
     let mut frames = FrameTimes::default();
-    loop {
+    while !d.app.quit {
         let t = Instant::now();
-        terminal.draw(|f| ui::draw(f, &app, t))?;
+        terminal
+            .draw(|f| ui::draw(f, &d.app, t))
+            .map_err(io("cannot draw on the terminal"))?;
         frames.add(t.elapsed());
-        let msg = tokio::select! {
-            biased;
-            _ = sigterm.recv() => Msg::Quit,
-            _ = sighup.recv() => Msg::Quit,
-            Some(m) = rx.recv() => m,
-            _ = tick.tick() => {
-                if let Some(rss) = crate::sys::rss_bytes() {
-                    let _ = tx.send(Msg::Rss(rss));
-                }
-                Msg::Tick
+        d.handle(inbox.next().await);
+        // More of what arrived meanwhile before the next redraw, up to a batch.
+        for _ in 1..BATCH {
+            match inbox.rx.try_recv() {
+                Ok(msg) => d.handle(msg),
+                Err(_) => break,
             }
-        };
-        let mut next = Some(msg);
-        let mut handled = 0;
-        while let Some(msg) = next.take() {
-            if let Msg::Engine(Event::Ready(view)) = &msg {
-                tracing::info!(
-                    secs = started.elapsed().as_secs_f64(),
-                    nodes = view.nodes.len(),
-                    "ready"
-                );
-                let key = out.document_key(&view.document_key);
-                match history::load(&out.history_dir, &key) {
-                    Ok(turns) => {
-                        let _ = tx.send(Msg::History(turns));
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Msg::Notice(format!("history not loaded: {e}")));
-                    }
-                }
-                out.key = Some(key);
-            }
-            for effect in app.update(msg, Instant::now()) {
-                match effect {
-                    Effect::Ask(q) => {
-                        tracing::info!(question = %q, "ask");
-                        if requests.send(session::Request::Ask(q)).is_err() {
-                            app.update(Msg::EngineGone, Instant::now());
-                        }
-                    }
-                    Effect::Stop => cancel.store(true, Ordering::SeqCst),
-                    Effect::Quit => {}
-                    other => {
-                        if let Some(n) = out.carry_out(other, &app) {
-                            app.update(Msg::Notice(n), Instant::now());
-                        }
-                    }
-                }
-            }
-            handled += 1;
-            if handled < BATCH {
-                next = rx.try_recv().ok();
-            }
-        }
-        if app.quit {
-            break;
         }
     }
     drop(terminal);
     drop(guard);
-    tracing::info!(
-        frames = frames.count,
-        mean_us = frames.mean_us(),
-        max_us = frames.max.as_micros() as u64,
-        "frame render times"
-    );
+    frames.log();
     // Stop what the engine is doing (an answer, or building the tree: it keeps the
     // chunks finished so far) and give it a moment to close its files.
-    cancel.store(true, Ordering::SeqCst);
-    let _ = requests.send(session::Request::Quit);
+    d.cancel.store(true, Ordering::SeqCst);
+    let _ = d.requests.send(session::Request::Quit);
+    d.files.close();
     let _ = tokio::time::timeout(SHUTDOWN_WAIT, gone_rx.wait_for(|g| *g)).await;
     Ok(())
 }
@@ -280,6 +334,15 @@ struct FrameTimes {
 }
 
 impl FrameTimes {
+    fn log(&self) {
+        tracing::info!(
+            frames = self.count,
+            mean_us = self.mean_us(),
+            max_us = self.max.as_micros() as u64,
+            "frame render times"
+        );
+    }
+
     fn add(&mut self, d: Duration) {
         self.count += 1;
         self.total += d;
@@ -340,56 +403,14 @@ fn read_terminal(tx: UnboundedSender<Msg>) {
     });
 }
 
-/// The side of the app that touches the world: files and the clipboard.
-struct Outside {
-    history_dir: PathBuf,
-    file: PathBuf,
-    title: String,
-    key: Option<String>,
+/// The system clipboard, opened on first use.
+#[derive(Default)]
+struct Clipboard {
     /// Kept alive: on X11 the copied text lives only as long as its owner.
     clipboard: Option<arboard::Clipboard>,
 }
 
-impl Outside {
-    /// The engine's key for the document, or a hash of the file's bytes.
-    fn document_key(&self, engine_key: &str) -> String {
-        if !engine_key.is_empty() {
-            return engine_key.to_string();
-        }
-        match std::fs::read(&self.file) {
-            Ok(bytes) => {
-                let digest = sha2::Sha256::digest(&bytes);
-                digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
-            }
-            // Unreadable now (it was readable a moment ago): key by name instead.
-            Err(_) => self.title.clone(),
-        }
-    }
-
-    /// Do one effect; returns a line for the status bar.
-    fn carry_out(&mut self, effect: Effect, app: &App) -> Option<String> {
-        match effect {
-            Effect::SaveHistory => {
-                let key = self.key.as_deref()?;
-                match history::save(&self.history_dir, key, &self.title, &app.turns) {
-                    Ok(_) => None,
-                    Err(e) => Some(format!("history not saved: {e}")),
-                }
-            }
-            Effect::Export => {
-                let key = self.key.as_deref()?;
-                Some(
-                    match history::export(&self.history_dir, key, &self.title, &app.turns) {
-                        Ok(p) => format!("exported to {}", p.display()),
-                        Err(e) => format!("export failed: {e}"),
-                    },
-                )
-            }
-            Effect::Copy(text) => Some(self.copy(&text)),
-            Effect::Ask(_) | Effect::Stop | Effect::Quit => None,
-        }
-    }
-
+impl Clipboard {
     fn copy(&mut self, text: &str) -> String {
         // Over SSH the local clipboard is the wrong one: the terminal's (OSC 52) is right.
         let ssh =
