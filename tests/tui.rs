@@ -450,9 +450,12 @@ fn tui_end_to_end_in_tmux_with_the_real_model() {
 #[test]
 fn tui_refuses_without_a_terminal_in_one_line() {
     let book = corpus("books/emma.txt");
+    // Its own cache folder: a refusal must leave nothing in it (no tree begun).
+    let cache = tempfile::tempdir().expect("tmp");
     let run = |args: &[&std::ffi::OsStr]| {
         let o = Command::new(exe())
             .args(args)
+            .env("SLM_CHAT_PATHS_CACHE_DIR", cache.path())
             .output()
             .expect("run slm-chat");
         (
@@ -466,6 +469,10 @@ fn tui_refuses_without_a_terminal_in_one_line() {
     assert!(
         err.contains("not a terminal") && err.contains("slm-chat ask"),
         "{err}"
+    );
+    assert!(
+        !cache.path().join("trees").exists(),
+        "the refused app began a tree"
     );
     let (code, err) = run(&["/no/such/book.pdf".as_ref()]);
     assert_eq!(

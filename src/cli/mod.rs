@@ -305,20 +305,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
 }
 
-/// `slm-chat FILE`: the terminal app, on a session started here.
+/// `slm-chat FILE`: the terminal app, on a session started here once the app can run.
 fn open(config: &Config, file: PathBuf) -> Result<ExitCode> {
     let settings = engine_settings(config)?;
-    let session = session::start(session::SessionOptions {
-        file: file.clone(),
-        settings,
-    });
     let log_path = config.cache_dir().join("logs").join("slm-chat.log");
     let opts = slm_chat::tui::Options {
-        file,
+        file: file.clone(),
         log_path,
         history_dir: None,
     };
-    match slm_chat::tui::run(opts, session) {
+    let start = || session::start(session::SessionOptions { file, settings });
+    match slm_chat::tui::run(opts, start) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e @ slm_chat::tui::TuiError::NotATerminal { .. }) => Err(Exit {
             message: e.to_string(),

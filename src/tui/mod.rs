@@ -62,23 +62,21 @@ const BATCH: usize = 64;
 /// How long quitting waits for the engine to finish what it is writing.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 
-/// Run the TUI on `opts.file`, asking `session`, until the user quits.
-pub fn run(opts: Options, session: Session) -> Result<()> {
+/// Run the TUI on `opts.file` until the user quits, asking the session `start` gives. It is
+/// started only once the file and the terminal are known to be there, so a refusal leaves
+/// no work behind (no half-built tree).
+pub fn run(opts: Options, start: impl FnOnce() -> Session) -> Result<()> {
     // Document problems (unreadable, not a PDF, …) are shown inside the app; a path that
     // is not there at all is a typo better answered before the screen is taken over.
-    let refused = if !opts.file.is_file() {
-        Some(TuiError::NoSuchFile(opts.file.clone()))
-    } else if !std::io::stdout().is_terminal() {
-        Some(TuiError::NotATerminal {
-            file: opts.file.display().to_string(),
-        })
-    } else {
-        None
-    };
-    if let Some(e) = refused {
-        session.shutdown();
-        return Err(e);
+    if !opts.file.is_file() {
+        return Err(TuiError::NoSuchFile(opts.file.clone()));
     }
+    if !std::io::stdout().is_terminal() {
+        return Err(TuiError::NotATerminal {
+            file: opts.file.display().to_string(),
+        });
+    }
+    let session = start();
     let _log_guard = init_logging(&opts.log_path)?;
     tracing::info!(file = %opts.file.display(), "starting the TUI");
     let rt = tokio::runtime::Builder::new_current_thread()
