@@ -185,6 +185,10 @@ pub fn first_n_words(text: &str, n: usize) -> &str {
 
 /// `needle` at the break nearest `depth` of `hay` (offsets in characters, as Python counts),
 /// and the needle's byte offset.
+///
+/// One function, step for step in the order of `materialize.py`'s `insertion_point` and the
+/// insertion in its `materialize`, so the two read side by side (a test compares their
+/// output byte for byte).
 pub fn insert_needle(hay: &str, needle: &str, depth: f64) -> (String, usize) {
     let chars: Vec<char> = hay.chars().collect();
     let n = chars.len();

@@ -119,6 +119,42 @@ fn run_starts(n: usize, segments: Option<&[u32]>) -> Result<Vec<usize>> {
     Ok(starts)
 }
 
+/// Softmax of one block's scores off the CPU (tensor ops: the mask's tail and the cache's
+/// logit bias added, then the last dimension normalised); `shape` is `(n_kv, group, tq, lk)`.
+fn device_probs(
+    scores: Tensor,
+    mask: Option<&Mask>,
+    bias_gpu: Option<&Tensor>,
+    (n_kv, group, tq, lk): (usize, usize, usize, usize),
+    probs_f16: bool,
+) -> Result<Tensor> {
+    let scores = scores.reshape((n_kv, group, tq, lk))?;
+    if let Some(Mask {
+        cols,
+        tensor: Some(mask),
+        ..
+    }) = mask
+    {
+        let tail = scores
+            .narrow(D::Minus1, lk - cols, *cols)?
+            .broadcast_add(mask)?;
+        scores.slice_set(&tail, D::Minus1, lk - cols)?;
+    }
+    if let Some(bias) = bias_gpu {
+        let head = scores
+            .narrow(D::Minus1, 0, bias.dim(0)?)?
+            .broadcast_add(bias)?;
+        scores.slice_set(&head, D::Minus1, 0)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((n_kv, group * tq, lk))?;
+    // llama.cpp multiplies f16 probabilities by its f16 values; see `Model::kv_f16`.
+    if probs_f16 {
+        round_f16(&probs)
+    } else {
+        Ok(probs)
+    }
+}
+
 /// Attention of rotated queries `q` `(n_head, n, head_dim)` over layer `layer` of `cache`,
 /// whose first `prior` entries precede the new tokens (whose keys were appended after them).
 /// Returns `(n, n_head * head_dim)`.
@@ -174,32 +210,13 @@ pub(crate) fn attend(
             })?;
             scores
         } else {
-            let scores = scores.reshape((n_kv, group, tq, lk))?;
-            if let Some(Mask {
-                cols,
-                tensor: Some(mask),
-                ..
-            }) = &b.mask
-            {
-                let tail = scores
-                    .narrow(D::Minus1, lk - cols, *cols)?
-                    .broadcast_add(mask)?;
-                scores.slice_set(&tail, D::Minus1, lk - cols)?;
-            }
-            if let Some(bias) = &bias_gpu {
-                let head = scores
-                    .narrow(D::Minus1, 0, bias.dim(0)?)?
-                    .broadcast_add(bias)?;
-                scores.slice_set(&head, D::Minus1, 0)?;
-            }
-            let probs =
-                candle_nn::ops::softmax_last_dim(&scores)?.reshape((n_kv, group * tq, lk))?;
-            // llama.cpp multiplies f16 probabilities by its f16 values; see `Model::kv_f16`.
-            if probs_f16 {
-                round_f16(&probs)?
-            } else {
-                probs
-            }
+            device_probs(
+                scores,
+                b.mask.as_ref(),
+                bias_gpu.as_ref(),
+                (n_kv, group, tq, lk),
+                probs_f16,
+            )?
         };
         let out = probs
             .matmul(&v)?

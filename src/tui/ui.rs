@@ -502,12 +502,24 @@ fn draw_sources(frame: &mut Frame, app: &App, area: Rect) {
 }
 
 fn draw_status(frame: &mut Frame, app: &App, area: Rect, now: Instant) {
+    frame.render_widget(
+        Paragraph::new(vec![status_figures(app), status_activity(app, now)])
+            .style(Style::default().bg(Color::Reset)),
+        area,
+    );
+}
+
+fn status_sep() -> Span<'static> {
+    Span::styled(" · ", Style::default().fg(Color::DarkGray))
+}
+
+/// The status bar's first line: model, device, memory, the tree.
+fn status_figures(app: &App) -> Line<'static> {
     let s = &app.stats;
-    let dim = Style::default().fg(Color::DarkGray);
-    let sep = || Span::styled(" · ", dim);
+    let sep = status_sep;
     let rss = if app.rss > 0 { app.rss } else { s.rss_bytes };
     let doc_tokens = app.tree.as_ref().map_or(0, |t| t.view.document_tokens);
-    let first = Line::from(vec![
+    Line::from(vec![
         Span::styled(
             if s.model.is_empty() {
                 "model…".to_string()
@@ -532,7 +544,15 @@ fn draw_status(frame: &mut Frame, app: &App, area: Rect, now: Instant) {
         )),
         sep(),
         Span::raw(format!("{doc_tokens} doc tokens")),
-    ]);
+    ])
+}
+
+/// The status bar's second line: a notice, the injected KV, and the answer under way (or
+/// the last answer's rates, or the keys).
+fn status_activity(app: &App, now: Instant) -> Line<'static> {
+    let s = &app.stats;
+    let dim = Style::default().fg(Color::DarkGray);
+    let sep = status_sep;
     let mut second: Vec<Span> = Vec::new();
     if let Some(n) = &app.notice {
         second.push(Span::styled(
@@ -585,10 +605,7 @@ fn draw_status(frame: &mut Frame, app: &App, area: Rect, now: Instant) {
     } else {
         second.push(Span::styled("? help · Tab focus · Ctrl-C quit", dim));
     }
-    frame.render_widget(
-        Paragraph::new(vec![first, Line::from(second)]).style(Style::default().bg(Color::Reset)),
-        area,
-    );
+    Line::from(second)
 }
 
 /// Every key, for the help overlay (and nothing else: keep it in step with `App::key`).
