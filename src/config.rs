@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::document::LoadOptions;
 use crate::engine::ingest::IngestSettings;
-use crate::engine::{RagSettings, Settings};
+use crate::engine::{AnswerSettings, RagSettings, Settings};
 use crate::model::{DeviceChoice, ModelChoice};
 use crate::store::StoreSettings;
 use crate::tree::search::SearchSettings;
@@ -28,6 +28,7 @@ pub struct Config {
     pub tree: TreeSettings,
     pub store: StoreSettings,
     pub search: SearchSettings,
+    pub answer: AnswerSettings,
     pub paths: PathSettings,
 }
 
@@ -62,6 +63,14 @@ pub struct GenerateSettings {
     pub top_p: f64,
     /// Sampling seed, so answers can be reproduced.
     pub seed: u64,
+    /// Divide the logit of each token among the answer's last `repeat_window` by this
+    /// (1 = off), as llama.cpp's repeat penalty.
+    pub repeat_penalty: f64,
+    pub repeat_window: usize,
+    /// Never produce the same run of this many tokens twice in one answer (0 = off).
+    pub no_repeat_ngram: usize,
+    /// End the answer at the end of a sentence that says again an earlier one.
+    pub stop_repeated_sentence: bool,
 }
 
 impl GenerateSettings {
@@ -72,6 +81,12 @@ impl GenerateSettings {
             top_p: self.top_p as f32,
             seed: self.seed,
             max_tokens: self.max_tokens,
+            repeat: crate::model::RepeatControl {
+                penalty: self.repeat_penalty as f32,
+                window: self.repeat_window,
+                no_repeat_ngram: self.no_repeat_ngram,
+                stop_repeated_sentence: self.stop_repeated_sentence,
+            },
         }
     }
 }
@@ -83,6 +98,10 @@ impl Default for GenerateSettings {
             temperature: 0.0,
             top_p: 0.9,
             seed: 0,
+            repeat_penalty: 1.0,
+            repeat_window: 64,
+            no_repeat_ngram: 4,
+            stop_repeated_sentence: true,
         }
     }
 }
@@ -201,6 +220,18 @@ impl Config {
         if !(g.top_p > 0.0 && g.top_p <= 1.0) {
             return bad("generate.top_p", "must be in (0, 1]");
         }
+        if !(g.repeat_penalty.is_finite() && g.repeat_penalty >= 1.0) {
+            return bad("generate.repeat_penalty", "must be a number ≥ 1 (1 = off)");
+        }
+        if g.no_repeat_ngram == 1 {
+            return bad(
+                "generate.no_repeat_ngram",
+                "must be 0 (off) or at least 2: 1 would forbid any token twice",
+            );
+        }
+        if !self.answer.abstain_threshold.is_finite() {
+            return bad("answer.abstain_threshold", "must be a number");
+        }
         let n = self.search.neighbours;
         if !(n.is_finite() && n >= 0.0) {
             return bad("search.neighbours", "must be a number ≥ 0");
@@ -281,6 +312,7 @@ impl Config {
             search: self.search.clone(),
             rag: self.rag.clone(),
             sampling: self.generate.sampling(),
+            answer: self.answer.clone(),
         }
     }
 

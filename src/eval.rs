@@ -21,9 +21,14 @@ pub struct Case {
     pub id: String,
     pub book: String,
     pub question: String,
+    /// Empty for an absent case.
+    #[serde(default)]
     pub answer: String,
     #[serde(default)]
     pub aliases: Vec<String>,
+    /// The book does not answer the question: a correct answer says so.
+    #[serde(default)]
+    pub absent: bool,
     /// Needle cases: the haystack size, where the needle goes, and the needle.
     #[serde(default)]
     pub context_tokens_approx: Option<usize>,
@@ -107,6 +112,13 @@ pub fn load_cases(path: &Path) -> Result<Vec<Case>, EvalError> {
             case.depth.is_some(),
             case.needle_sentence.is_some(),
         ];
+        if case.answer.trim().is_empty() && !case.absent {
+            return Err(EvalError::Line {
+                path: path.into(),
+                line: i + 1,
+                reason: "a case needs an answer, or \"absent\": true".into(),
+            });
+        }
         if case.depth.is_some_and(|d| !(0.0..=1.0).contains(&d)) {
             return Err(EvalError::Line {
                 path: path.into(),
@@ -296,19 +308,59 @@ pub fn oracle_text(case: &Case, book: &str) -> Result<(String, usize), EvalError
     Ok((chars[lo..hi].iter().collect(), before.len()))
 }
 
-/// `score_answer()`: `answer` (or an alias) inside `output`.
+/// `score_answer()`: `answer` (or an alias) inside `output`; for an absent case,
+/// `score_absent()`: the output says the document does not give it.
 pub fn correct(case: &Case, output: &str) -> bool {
-    let norm = |s: &str| {
-        s.replace('\u{2019}', "'")
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-            .to_lowercase()
-    };
-    let out = norm(output);
+    if case.absent {
+        return abstains(output);
+    }
+    let out = normalize(output);
     std::iter::once(&case.answer)
         .chain(&case.aliases)
-        .any(|a| out.contains(&norm(a)))
+        .any(|a| out.contains(&normalize(a)))
+}
+
+/// Phrases that count as "the document does not say" (`ABSTAIN` in materialize.py).
+pub const ABSTAIN: [&str; 12] = [
+    "not in the document",
+    "does not say",
+    "doesn't say",
+    "does not mention",
+    "doesn't mention",
+    "not mentioned",
+    "does not state",
+    "doesn't state",
+    "not stated",
+    "no information",
+    "does not give",
+    "doesn't give",
+];
+
+/// Whether `output` says the document does not give the answer (`score_absent()`).
+pub fn abstains(output: &str) -> bool {
+    let out = normalize(output);
+    ABSTAIN.iter().any(|p| out.contains(p))
+}
+
+/// Curly apostrophes straight, whitespace collapsed, lowercase: how both scorers compare.
+fn normalize(s: &str) -> String {
+    s.replace('\u{2019}', "'")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
+/// Whether some run of `n` words occurs twice in `text` (case and punctuation aside): the
+/// measure of an answer repeating itself.
+pub fn repeats_words(text: &str, n: usize) -> bool {
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric() && c != '\'' && c != '\u{2019}')
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    words.windows(n).any(|w| !seen.insert(w))
 }
 
 /// One case's result.
@@ -317,6 +369,20 @@ pub struct CaseResult {
     pub id: String,
     pub correct: bool,
     pub answer: String,
+    /// The case is one the book does not answer.
+    pub absent: bool,
+    /// The answer says the document does not give it (abstain phrases).
+    pub abstained: bool,
+    /// The engine decided on its evidence that the document holds no answer.
+    pub abstained_by_evidence: bool,
+    /// What the evidence measured (`tree`).
+    pub evidence: Option<crate::engine::trust::Evidence>,
+    /// Whether a passage read at full resolution holds the answer's key words (`None`: no
+    /// key words, or not `tree`).
+    pub supported: Option<bool>,
+    /// Words in the answer, and whether a run of 8 of them occurs twice.
+    pub words: usize,
+    pub repeats: bool,
     /// Needle cases: haystack size and depth; book questions: none.
     pub context_tokens_approx: Option<usize>,
     pub depth: Option<f64>,
@@ -406,14 +472,26 @@ pub struct Summary {
     pub evidence_read: Option<usize>,
     /// Cases whose evidence the best K candidates hold, for K = 4, 8, 16 (`None` likewise).
     pub recall_at: Option<BTreeMap<usize, usize>>,
+    /// Answers that say the document does not give the answer.
+    pub abstained: usize,
+    /// Answers in which a run of 8 words occurs twice.
+    pub repeated: usize,
+    /// Median answer length in words.
+    pub median_words: f64,
 }
 
 /// The ranks at which recall is reported.
 pub const RECALL_AT: [usize; 3] = [4, 8, 16];
 
-/// One summary over all cases, then one per `kind` (book questions have one; others none).
+/// One summary over all answerable cases (`answerable` when the set also has absent ones),
+/// then one per `kind` (book questions have one, absent cases are `absent`).
 pub fn summarize(results: &[CaseResult]) -> Vec<Summary> {
-    let mut kinds: Vec<Option<&str>> = vec![None];
+    let mixed = results.iter().any(|r| r.absent);
+    let mut kinds: Vec<Option<&str>> = if results.iter().all(|r| r.absent) {
+        Vec::new()
+    } else {
+        vec![None]
+    };
     let mut named: Vec<&str> = results.iter().filter_map(|r| r.kind.as_deref()).collect();
     named.sort_unstable();
     named.dedup();
@@ -423,11 +501,15 @@ pub fn summarize(results: &[CaseResult]) -> Vec<Summary> {
         .map(|k| {
             let rs: Vec<&CaseResult> = results
                 .iter()
-                .filter(|r| k.is_none() || r.kind.as_deref() == k)
+                .filter(|r| match k {
+                    None => !r.absent,
+                    Some(_) => r.kind.as_deref() == k,
+                })
                 .collect();
             let looked_up = rs.iter().any(|r| r.evidence_read.is_some());
+            let all = if mixed { "answerable" } else { "all" };
             Summary {
-                kind: k.unwrap_or("all").to_string(),
+                kind: k.unwrap_or(all).to_string(),
                 cases: rs.len(),
                 correct: rs.iter().filter(|r| r.correct).count(),
                 evidence_read: looked_up
@@ -444,15 +526,20 @@ pub fn summarize(results: &[CaseResult]) -> Vec<Summary> {
                         })
                         .collect()
                 }),
+                abstained: rs.iter().filter(|r| r.abstained).count(),
+                repeated: rs.iter().filter(|r| r.repeats).count(),
+                median_words: median(rs.iter().map(|r| r.words as f64).collect()),
             }
         })
         .collect()
 }
 
-/// The summaries as a Markdown table: accuracy, evidence read, recall at K.
+/// The summaries as a Markdown table: accuracy, evidence read, recall at K, then how often
+/// answers abstain and repeat themselves, and their median length. For absent cases
+/// "correct" is "abstained".
 pub fn summary_table(method: &str, summaries: &[Summary]) -> String {
     let mut out = format!(
-        "| {method} | cases | correct | evidence read | recall@4 | recall@8 | recall@16 |\n|---|---|---|---|---|---|---|\n"
+        "| {method} | cases | correct | evidence read | recall@4 | recall@8 | recall@16 | abstained | repeated 8-gram | median words |\n|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for s in summaries {
         let pct = |n: Option<usize>| match n {
@@ -461,7 +548,7 @@ pub fn summary_table(method: &str, summaries: &[Summary]) -> String {
         };
         let at = |k: usize| s.recall_at.as_ref().and_then(|r| r.get(&k).copied());
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             s.kind,
             s.cases,
             pct(Some(s.correct)),
@@ -469,6 +556,9 @@ pub fn summary_table(method: &str, summaries: &[Summary]) -> String {
             pct(at(4)),
             pct(at(8)),
             pct(at(16)),
+            pct(Some(s.abstained)),
+            pct(Some(s.repeated)),
+            s.median_words,
         ));
     }
     out
@@ -523,6 +613,7 @@ mod tests {
             char_offset: None,
             evidence_quote: None,
             kind: None,
+            absent: false,
         };
         assert!(correct(&case, "It rose to 4200  FEET."));
         let text = "said his lady,\n“have you heard that\nNetherfield is let?”";
@@ -537,6 +628,32 @@ mod tests {
         assert_eq!(find_loosely("their heir", "heir"), Some(6..10));
         assert!(correct(&case, "about 4,200\nfeet"));
         assert!(!correct(&case, "4,100 feet"));
+    }
+
+    #[test]
+    fn absent_cases_load_without_an_answer_and_score_abstaining() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("a.jsonl");
+        let line = r#"{"id": "a1", "book": "b", "question": "What is Mr. Bennet's first name?", "absent": true}"#;
+        std::fs::write(&path, format!("{line}\n")).expect("write");
+        let cases = load_cases(&path).expect("absent cases load");
+        assert!(cases[0].absent && cases[0].answer.is_empty());
+        assert!(correct(&cases[0], "The document doesn\u{2019}t  SAY."));
+        assert!(!correct(&cases[0], "His first name is Thomas."));
+        std::fs::write(&path, r#"{"id": "x", "book": "b", "question": "q"}"#).expect("write");
+        let e = load_cases(&path).expect_err("a case needs an answer or absent");
+        assert!(e.to_string().contains("absent"), "{e}");
+    }
+
+    #[test]
+    fn repeated_runs_of_words_are_found() {
+        let once = "He paid four pounds a week for copying the encyclopaedia.";
+        assert!(!repeats_words(once, 8));
+        assert!(repeats_words(&format!("{once} Yes, {once}"), 8));
+        assert!(
+            !repeats_words("a b c d e f g a b c d e f g", 8),
+            "7 words twice"
+        );
     }
 
     #[test]
@@ -644,7 +761,8 @@ impl<'a> Reader<'a> {
                 &self.loaded.insert((doc.path.clone(), d)).1
             }
         };
-        let ask = AskSettings::new(self.method, &s.rag, &s.search, self.plan.embedder.clone());
+        let ask = AskSettings::new(self.method, &s.rag, &s.search, self.plan.embedder.clone())
+            .concise(s.answer.concise);
         Ok(engine::ask(
             self.llm,
             d,
@@ -682,7 +800,8 @@ impl<'a> Reader<'a> {
                     self.cancel,
                 )?;
                 let embedder = self.plan.embedder.as_ref();
-                let s = engine::dense::session(self.llm, tree, embedder, &mut progress)?;
+                let s = engine::dense::session(self.llm, tree, embedder, &mut progress)?
+                    .with_answer_settings(self.settings.answer.clone());
                 if report.built {
                     say(&format!(
                         "{}: built the tree of {} tokens in {:.0} s ({:.0} tok/s)",
@@ -754,6 +873,13 @@ impl<'a> Reader<'a> {
         Ok(CaseResult {
             id: case.id.clone(),
             correct: correct(case, &a.answer),
+            absent: case.absent,
+            abstained: abstains(&a.answer),
+            abstained_by_evidence: a.abstained,
+            evidence: a.evidence,
+            supported: a.support.as_ref().and_then(|s| s.supported()),
+            words: a.answer.split_whitespace().count(),
+            repeats: repeats_words(&a.answer, 8),
             answer: a.answer,
             context_tokens_approx: case.context_tokens_approx,
             depth: case.depth,
@@ -765,10 +891,19 @@ impl<'a> Reader<'a> {
             peak_rss_bytes: a.memory.peak_rss_bytes,
             evidence_read,
             evidence_rank,
-            kind: case.kind.clone(),
+            kind: kind(case),
             alone_correct,
             error: None,
         })
+    }
+}
+
+/// The group a case is summarized in: its `kind`, or `absent`.
+fn kind(case: &Case) -> Option<String> {
+    if case.absent {
+        Some("absent".into())
+    } else {
+        case.kind.clone()
     }
 }
 
@@ -778,6 +913,13 @@ fn failed(case: &Case, e: &EngineError) -> CaseResult {
         id: case.id.clone(),
         correct: false,
         answer: String::new(),
+        absent: case.absent,
+        abstained: false,
+        abstained_by_evidence: false,
+        evidence: None,
+        supported: None,
+        words: 0,
+        repeats: false,
         context_tokens_approx: case.context_tokens_approx,
         depth: case.depth,
         document_tokens: 0,
@@ -788,7 +930,7 @@ fn failed(case: &Case, e: &EngineError) -> CaseResult {
         peak_rss_bytes: None,
         evidence_read: None,
         evidence_rank: None,
-        kind: case.kind.clone(),
+        kind: kind(case),
         alone_correct: None,
         error: Some(e.to_string()),
     }
@@ -882,7 +1024,8 @@ fn answer_alone(
     std::fs::create_dir_all(&plan.work_dir).map_err(io_error(&plan.work_dir))?;
     crate::store::write_atomic(&path, passages(text, spans).as_bytes())?;
     let doc = crate::document::load(&path, &settings.ingest.load)?;
-    let ask = AskSettings::new(Method::Full, &settings.rag, &settings.search, None);
+    let ask = AskSettings::new(Method::Full, &settings.rag, &settings.search, None)
+        .concise(settings.answer.concise);
     let cancel = AtomicBool::new(false);
     match engine::ask(
         llm,

@@ -165,6 +165,57 @@ fn the_readme_question_is_answered_from_the_tree() {
         .expect("full attention");
     assert!(injected * 3 <= full_kv, "{injected} vs {full_kv}");
     assert!(v["timings"]["first_token_ms"].as_f64().unwrap_or(0.0) > 0.0);
+
+    // The answer is backed: a passage read in full holds its key words, and is marked.
+    assert_eq!(v["abstained"], false, "{v}");
+    assert!(v["evidence"]["score"].is_number(), "{}", v["evidence"]);
+    let key_words = v["support"]["key_words"].as_array().expect("key words");
+    assert!(!key_words.is_empty(), "{}", v["support"]);
+    assert!(
+        full.iter().any(|n| n["supports"] == true),
+        "a passage read in full supports the answer: {}",
+        v["support"]
+    );
+    assert!(nodes
+        .iter()
+        .filter(|n| n["alpha"] != 1)
+        .all(|n| n["supports"].is_null()));
+
+    // A question the book has nothing on, with abstaining off: the model answers from
+    // memory, and the check says no passage read holds the answer.
+    let memory = run_env(
+        &[
+            "--model",
+            model.to_str().expect("utf-8"),
+            "ask",
+            file.to_str().expect("utf-8"),
+            "What is the capital of France?",
+            "--json",
+            "--max-tokens",
+            "32",
+        ],
+        &[
+            ("SLM_CHAT_PATHS_CACHE_DIR", cache_dir),
+            ("SLM_CHAT_ANSWER_ABSTAIN", "false"),
+        ],
+    );
+    assert_eq!(memory.code, 0, "{}", memory.stderr);
+    let m: serde_json::Value = serde_json::from_str(&memory.stdout).expect("one JSON object");
+    let answer = m["answer"].as_str().unwrap_or("");
+    assert!(answer.contains("Paris"), "answered from memory: {answer}");
+    assert_eq!(
+        m["support"]["passages"]
+            .as_array()
+            .map(|p| p.iter().any(|s| s == true)),
+        Some(false),
+        "{}",
+        m["support"]
+    );
+    assert!(m["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .all(|n| n["supports"] != true));
 }
 
 #[test]

@@ -181,3 +181,82 @@ fn eval_retrieval_reports_evidence_and_recall_without_answering() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("--retrieval"), "{stderr}");
 }
+
+/// Answerable and absent cases in one run, from two files, on a real book: both rates side by
+/// side, each case's evidence scores, and an absent case scored by whether it abstains.
+#[test]
+fn eval_reports_absent_cases_beside_answerable_ones() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let books = dir.path().join("books");
+    std::fs::create_dir(&books).expect("books dir");
+    // The opening of "A Scandal in Bohemia" (~1,400 tokens: three chunks of the tree).
+    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets/sherlock_holmes_adventures_1-3.txt");
+    let text = std::fs::read_to_string(sample).expect("sample");
+    let cut = (6000..text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
+    std::fs::write(books.join("scandal.txt"), &text[..cut]).expect("write book");
+    let answerable = dir.path().join("qa.jsonl");
+    std::fs::write(
+        &answerable,
+        r#"{"id": "q1", "book": "scandal", "question": "Who does Sherlock Holmes always call the woman?", "answer": "Irene Adler", "kind": "direct"}"#,
+    )
+    .expect("write");
+    let absent = dir.path().join("absent.jsonl");
+    std::fs::write(
+        &absent,
+        r#"{"id": "a1", "book": "scandal", "question": "What is the name of the ship Holmes sailed on to Bohemia?", "absent": true}"#,
+    )
+    .expect("write");
+    let cache = tempfile::tempdir().expect("tmp");
+    let out = Command::new(exe())
+        .env("SLM_CHAT_PATHS_CACHE_DIR", cache.path())
+        .env("SLM_CHAT_GENERATE_MAX_TOKENS", "32")
+        .arg("--model")
+        .arg(default_model())
+        .arg("eval")
+        .args([&answerable, &absent])
+        .arg("--books")
+        .arg(&books)
+        .arg("--json")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let kinds: Vec<&str> = json["summary"]
+        .as_array()
+        .expect("summary")
+        .iter()
+        .filter_map(|s| s["kind"].as_str())
+        .collect();
+    assert_eq!(kinds, ["answerable", "absent", "direct"], "{json}");
+    for case in json["cases"].as_array().expect("cases") {
+        let answer = case["answer"].as_str().expect("answer");
+        let says_absent = slm_chat::eval::abstains(answer);
+        assert_eq!(case["abstained"], says_absent, "{case}");
+        if case["absent"] == true {
+            assert_eq!(
+                case["correct"], says_absent,
+                "absent: correct iff it abstains"
+            );
+        }
+        let e = &case["evidence"];
+        for key in [
+            "coverage",
+            "best_passage",
+            "first_token",
+            "abstain_logprob",
+            "score",
+        ] {
+            assert!(e[key].is_number(), "{key} in {case}");
+        }
+        if case["abstained_by_evidence"] == true {
+            assert!(
+                answer.starts_with(slm_chat::engine::trust::NOT_FOUND),
+                "{case}"
+            );
+        }
+    }
+}

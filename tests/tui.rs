@@ -46,6 +46,7 @@ fn tree_view() -> TreeView {
                     chars: (a, b),
                     pages: (c as u32 + 1, c as u32 + 1 + u32::from(level == 0 && c == 1)),
                     preview: text[a..b].chars().take(40).collect(),
+                    supports: None,
                 });
             }
         }
@@ -162,6 +163,7 @@ impl Script {
             Msg::Engine(Event::Done(Done {
                 answer: answer.into(),
                 stop: "end of turn".into(),
+                supported: None,
             })),
         );
         s
@@ -194,6 +196,33 @@ fn tui_snapshot_ingest_progress() {
 fn tui_snapshot_chat_with_a_finished_answer() {
     let s = Script::answered();
     insta::assert_snapshot!(s.screen(80, 24).backend());
+}
+
+/// An answer none of whose passages hold its key words is flagged under it; one that is
+/// backed, or has nothing to check, is not.
+#[test]
+fn tui_flags_an_answer_its_passages_do_not_support() {
+    let text = |s: &Script| s.screen(200, 40).backend().to_string();
+    let backed = Script::answered();
+    assert!(!text(&backed).contains(slm_chat::engine::trust::UNSUPPORTED));
+    let mut s = Script::answered();
+    s.typed(2000, "What is the capital of France?");
+    s.at(2010, key(KeyCode::Enter));
+    s.at(2100, Msg::Engine(Event::Token("Paris.".into())));
+    s.at(
+        2200,
+        Msg::Engine(Event::Done(Done {
+            answer: "Paris.".into(),
+            stop: "end of answer".into(),
+            supported: Some(false),
+        })),
+    );
+    let screen = text(&s);
+    assert!(
+        screen.contains("not found in the passages read"),
+        "{screen}"
+    );
+    assert_eq!(s.app.turns[1].supported, Some(false), "kept in the history");
 }
 
 #[test]
@@ -276,6 +305,7 @@ fn tui_esc_stops_the_answer_and_enter_waits_for_it() {
     let done = Msg::Engine(Event::Done(Done {
         answer: "partial".into(),
         stop: "stopped".into(),
+        supported: None,
     }));
     assert_eq!(s.app.update(done, t), vec![Effect::SaveHistory]);
     assert!(!s.app.quit, "Esc stops the answer, not the app");

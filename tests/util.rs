@@ -68,6 +68,7 @@ pub fn greedy(max_tokens: usize) -> slm_chat::model::SamplingParams {
         top_p: 1.0,
         seed: 0,
         max_tokens,
+        repeat: slm_chat::model::RepeatControl::OFF,
     }
 }
 

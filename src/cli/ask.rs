@@ -47,7 +47,8 @@ pub fn run(config: &Config, args: &AskArgs) -> Result<ExitCode> {
     let cancel = AtomicBool::new(false);
     let mut stream = Stream::new();
     let embedder = engine::dense::load_embedder(settings.search.scorer, &settings.model, &mut say);
-    let ask = AskSettings::new(args.method, &settings.rag, &settings.search, embedder);
+    let ask = AskSettings::new(args.method, &settings.rag, &settings.search, embedder)
+        .concise(settings.answer.concise);
     let answer = engine::ask(
         &llm,
         &doc,
@@ -106,7 +107,7 @@ fn tree(settings: &Settings, file: &Path, question: &str, json: bool) -> Result<
         output::show_progress(&bar, p)
     });
     bar.finish_and_clear();
-    let mut session = session?;
+    let mut session = session?.with_answer_settings(settings.answer.clone());
     let (search, params) = (&settings.search, &settings.sampling);
     let cancel = AtomicBool::new(false);
     let mut stream = Stream::new();
@@ -126,7 +127,8 @@ fn tree(settings: &Settings, file: &Path, question: &str, json: bool) -> Result<
                 engine::ingest::rebuild(&llm, file, &settings.ingest, s, &mut show, &cancel);
             bar.finish_and_clear();
             let (tree, _) = result.map_err(|e| output::engine_error(file, e))?;
-            session = engine::dense::session(&llm, tree, embedder.as_ref(), &mut |_| {})?;
+            session = engine::dense::session(&llm, tree, embedder.as_ref(), &mut |_| {})?
+                .with_answer_settings(settings.answer.clone());
             answer = session.ask(question, search, params, &cancel, &mut piece);
         }
     }
@@ -149,6 +151,40 @@ fn report_tree_answer(answer: &Answer) {
         say(&format!(
             "read in full: chunk {} node {}.{} · pages {}–{} · score {:.2} · {}",
             n.chunk, n.level, n.index, n.pages.0, n.pages.1, n.score, n.preview
+        ));
+    }
+    let mut pages: Vec<(u32, u32)> = best.iter().map(|n| n.pages).collect();
+    pages.sort_unstable();
+    pages.dedup();
+    if !pages.is_empty() {
+        let list: Vec<String> = pages
+            .iter()
+            .map(|&(a, b)| {
+                if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}–{b}")
+                }
+            })
+            .collect();
+        say(&format!("pages read in full: {}", list.join(", ")));
+    }
+    if let Some(e) = &answer.evidence {
+        say(&format!(
+            "{} · evidence score {:.2} (question covered {:.0} %, best passage {:.0} %, first token p {:.2}, log-prob of \"{}\" {:.2})",
+            if answer.abstained { "abstained" } else { "answered" },
+            e.score,
+            100.0 * e.coverage,
+            100.0 * e.best_passage,
+            e.first_token,
+            engine::trust::PROBE.trim_start_matches("The "),
+            e.abstain_logprob,
+        ));
+    }
+    if answer.support.as_ref().and_then(|s| s.supported()) == Some(false) {
+        say(&format!(
+            "⚠ {}: the model may have answered from memory",
+            engine::trust::UNSUPPORTED
         ));
     }
     let m = &answer.memory;

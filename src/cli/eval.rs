@@ -15,7 +15,9 @@ use slm_chat::store;
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
-    dataset: PathBuf,
+    /// One or more JSONL files; answerable and absent cases are reported side by side.
+    #[arg(required = true, num_args = 1..)]
+    dataset: Vec<PathBuf>,
     /// The folder holding `<book>.txt` for the dataset's books.
     #[arg(long)]
     books: PathBuf,
@@ -81,7 +83,24 @@ pub fn run(config: &Config, args: EvalArgs) -> Result<ExitCode> {
     args.search
         .warn_ignored(read_by, &format!("--method {label}"));
     let settings = engine_settings(config)?;
-    let mut cases = eval::load_cases(&args.dataset)?;
+    let mut cases = Vec::new();
+    for path in &args.dataset {
+        for case in eval::load_cases(path)? {
+            if cases.iter().any(|c: &eval::Case| c.id == case.id) {
+                return Err(refuse(&format!(
+                    "{}: case id {} is also in an earlier dataset",
+                    path.display(),
+                    case.id
+                )));
+            }
+            cases.push(case);
+        }
+    }
+    let names: Vec<String> = args
+        .dataset
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     if !args.only.is_empty() {
         cases.retain(|c| args.only.contains(&c.id));
     }
@@ -94,7 +113,7 @@ pub fn run(config: &Config, args: EvalArgs) -> Result<ExitCode> {
     if cases.is_empty() {
         return Err(refuse(&format!(
             "{}: no case left to run",
-            args.dataset.display()
+            names.join(", ")
         )));
     }
     let llm = output::load_model(&settings.model)?;
@@ -125,6 +144,8 @@ pub fn run(config: &Config, args: EvalArgs) -> Result<ExitCode> {
         "method": label,
         "search": config.search,
         "tree": config.tree,
+        "generate": config.generate,
+        "answer": config.answer,
         "correct": results.iter().filter(|r| r.correct).count(),
         "summary": eval::summarize(&results),
         "alone_correct": alone,

@@ -26,6 +26,7 @@ pub mod dense;
 pub mod ingest;
 pub mod session;
 mod tree_answer;
+pub mod trust;
 
 pub use tree_answer::{DenseIndex, NodeHit, Prepared, Retrieval, TreeSession, CANDIDATES};
 
@@ -37,6 +38,9 @@ If the document does not contain the answer, say that it does not.";
 /// tokenized as plain text (a book or a question containing `<|im_end|>` cannot end the turn).
 const DOC_SLOT: &str = "\u{0}SLM_CHAT_DOCUMENT\u{0}";
 const QUESTION_SLOT: &str = "\u{0}SLM_CHAT_QUESTION\u{0}";
+
+/// What a concise answer is asked to be, after the question.
+const CONCISE: &str = "\nAnswer in one short sentence.";
 
 /// Marks where `truncate` cut the middle out.
 pub(crate) const CUT_MARK: &str = "\n\n[…]\n\n";
@@ -68,6 +72,7 @@ pub struct Settings {
     pub search: SearchSettings,
     pub rag: RagSettings,
     pub sampling: SamplingParams,
+    pub answer: AnswerSettings,
 }
 
 /// `[rag]`: the BM25 passages method.
@@ -89,6 +94,29 @@ impl Default for RagSettings {
     }
 }
 
+/// `[answer]`: how answers are given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnswerSettings {
+    /// Answer "The document does not say" (with the closest pages) when the evidence score
+    /// is below `abstain_threshold` (`tree` answers).
+    pub abstain: bool,
+    /// Lower answers more, higher abstains more.
+    pub abstain_threshold: f32,
+    /// Ask for the answer in one sentence, then at most one supporting sentence.
+    pub concise: bool,
+}
+
+impl Default for AnswerSettings {
+    fn default() -> Self {
+        Self {
+            abstain: true,
+            abstain_threshold: trust::THRESHOLD,
+            concise: false,
+        }
+    }
+}
+
 /// How `ask` builds its prompt, beyond the method.
 #[derive(Debug, Clone)]
 pub struct AskSettings {
@@ -103,6 +131,8 @@ pub struct AskSettings {
     pub fusion: Fusion,
     /// The sentence embedder for `dense` and `hybrid` (without it `rag` ranks with BM25).
     pub embedder: Option<Arc<Embedder>>,
+    /// Ask for a one-sentence answer ([`AnswerSettings::concise`]).
+    pub concise: bool,
 }
 
 impl AskSettings {
@@ -120,7 +150,14 @@ impl AskSettings {
             scorer: search.scorer,
             fusion: search.fusion,
             embedder,
+            concise: false,
         }
+    }
+
+    /// The same, asking for one-sentence answers when `concise`.
+    pub fn concise(mut self, concise: bool) -> Self {
+        self.concise = concise;
+        self
     }
 }
 
@@ -180,6 +217,16 @@ impl From<candle_core::Error> for EngineError {
 #[derive(Debug, Clone, Serialize)]
 pub struct Answer {
     pub answer: String,
+    /// The evidence said the document holds no answer: `answer` is [`trust::not_found`]'s
+    /// sentence, not the model's.
+    pub abstained: bool,
+    /// For `tree`: what the evidence measured before the answer was written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<trust::Evidence>,
+    /// For `tree`: the answer's key words and which of `nodes` (read at full resolution)
+    /// hold them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub support: Option<trust::Support>,
     pub method: Method,
     pub stop: StopReason,
     pub document_tokens: usize,
@@ -251,9 +298,12 @@ struct PromptParts {
     suffix: Vec<u32>,
 }
 
-fn prompt_parts(llm: &Llm, question: &str) -> Result<PromptParts, EngineError> {
+fn prompt_parts(llm: &Llm, question: &str, concise: bool) -> Result<PromptParts, EngineError> {
+    // What is asked of the answer follows the question, so the prefix (and with it every
+    // stored tree's sink) is the same whatever is asked.
     let user = format!(
-        "Read the following document and answer the question at the end.\n\n{DOC_SLOT}\n\nQuestion: {QUESTION_SLOT}"
+        "Read the following document and answer the question at the end.\n\n{DOC_SLOT}\n\nQuestion: {QUESTION_SLOT}{}",
+        if concise { CONCISE } else { "" }
     );
     let text = llm
         .chat
@@ -276,7 +326,7 @@ fn prompt_parts(llm: &Llm, question: &str) -> Result<PromptParts, EngineError> {
 
 /// The tokens before the document in every prompt: the sink prefix chunks are encoded after.
 pub fn sink_prefix(llm: &Llm) -> Result<Vec<u32>, EngineError> {
-    Ok(prompt_parts(llm, "")?.prefix)
+    Ok(prompt_parts(llm, "", false)?.prefix)
 }
 
 /// Answer `question` about `doc`, calling `on_text` with each new piece of the answer.
@@ -294,7 +344,7 @@ pub fn ask(
         return Err(EngineError::EmptyQuestion);
     }
     let method = settings.method;
-    let parts = prompt_parts(llm, question.trim())?;
+    let parts = prompt_parts(llm, question.trim(), settings.concise)?;
     let enc = llm.tokenizer.encode_with_offsets(&doc.text)?;
     let doc_tokens = &enc.ids;
     let window = llm.model.config().context_length;
@@ -335,6 +385,9 @@ pub fn ask(
     )?;
     Ok(Answer {
         answer: gen.text.trim().to_string(),
+        abstained: false,
+        evidence: None,
+        support: None,
         method,
         stop: gen.stop,
         document_tokens: doc_tokens.len(),

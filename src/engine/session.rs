@@ -97,6 +97,9 @@ pub struct Done {
     pub answer: String,
     /// "end of turn", "token limit" or "stopped".
     pub stop: String,
+    /// `Some(false)`: no passage read at full resolution holds the answer's key words (the
+    /// model answered from memory); `None` when there was nothing to check.
+    pub supported: Option<bool>,
 }
 
 /// What the worker reports.

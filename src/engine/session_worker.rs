@@ -61,7 +61,7 @@ pub(super) fn run(
         out.send(Event::Progress(p.clone()));
     };
     let mut session = match crate::engine::dense::session(&llm, tree, embedder.as_ref(), &mut say) {
-        Ok(s) => s,
+        Ok(s) => s.with_answer_settings(opts.settings.answer.clone()),
         Err(e) => {
             out.send(Event::Error(e.to_string()));
             return;
@@ -137,7 +137,10 @@ fn rebuild<'l>(
     )?;
     let view = tree_view(opts, &tree);
     let session = crate::engine::dense::session(llm, tree, embedder, &mut say)?;
-    Ok((session, view))
+    Ok((
+        session.with_answer_settings(opts.settings.answer.clone()),
+        view,
+    ))
 }
 
 fn load_model(opts: &SessionOptions, out: &Reporter) -> Result<Llm, model::ModelError> {
@@ -191,6 +194,7 @@ fn tree_view(opts: &SessionOptions, tree: &Tree) -> TreeView {
                     chars: node.chars,
                     pages: node.pages,
                     preview: super::super::preview(&text[node.chars.0..node.chars.1]),
+                    supports: None,
                 }
             })
         })
@@ -265,6 +269,7 @@ fn answer(
             })));
             Ok(alive.get()
                 && out.send(Event::Done(Done {
+                    supported: a.support.as_ref().and_then(|s| s.supported()),
                     answer: a.answer,
                     stop: a.stop.to_string(),
                 })))

@@ -12,8 +12,14 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
 
-use super::{prompt_parts, timings, Answer, EngineError, Memory, Method, PromptParts};
-use crate::model::{generate, Embedder, Forward, KvCache, LayerKv, Llm, SamplingParams};
+use super::trust::{self, Evidence, Support};
+use super::{
+    prompt_parts, timings, Answer, AnswerSettings, EngineError, Memory, Method, PromptParts,
+};
+use crate::model::{
+    argmax, continuation_logprobs, decode, fixed, log_softmax_at, prefill, Embedder, Forward,
+    KvCache, LayerKv, Llm, SamplingParams,
+};
 use crate::store::{Plan, Tree};
 use crate::tree::layout::{level_rows, node_number, node_spans};
 use crate::tree::search::{
@@ -42,6 +48,9 @@ pub struct NodeHit {
     pub pages: (u32, u32),
     /// The first words of its text, on one line.
     pub preview: String,
+    /// For a passage read at full resolution: whether it holds the answer's key words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supports: Option<bool>,
 }
 
 /// A question's upper-model cache, ready for its suffix.
@@ -78,6 +87,9 @@ pub struct TreeSession<'a> {
     mark_kv: Option<Vec<f16>>,
     /// The embedder and the tree's dense node vectors, for `dense` and `hybrid`.
     dense: Option<DenseIndex>,
+    /// When to answer that the document does not say, and [`trust::PROBE`]'s tokens.
+    answer: AnswerSettings,
+    probe: Vec<u32>,
 }
 
 /// What dense search needs: the embedder (for the question) and every node's vector.
@@ -123,7 +135,15 @@ impl<'a> TreeSession<'a> {
             mark: llm.tokenizer.encode(super::CUT_MARK, false)?,
             mark_kv: None,
             dense: None,
+            answer: AnswerSettings::default(),
+            probe: llm.tokenizer.encode(trust::PROBE, false)?,
         })
+    }
+
+    /// Abstain (or not) and prompt by `answer`.
+    pub fn with_answer_settings(mut self, answer: AnswerSettings) -> Self {
+        self.answer = answer;
+        self
     }
 
     /// Dense search over `dense` for `dense` and `hybrid` scorers (without it they fall back
@@ -177,7 +197,7 @@ impl<'a> TreeSession<'a> {
         if question.is_empty() {
             return Err(EngineError::EmptyQuestion);
         }
-        let parts = prompt_parts(self.llm, question)?;
+        let parts = prompt_parts(self.llm, question, self.answer.concise)?;
         if parts.prefix.as_slice() != self.tree.manifest().plan.config.sink.as_slice() {
             return Err(EngineError::Model(crate::model::ModelError::Input(
                 "the tree was encoded after a different prompt; build it again".into(),
@@ -235,17 +255,33 @@ impl<'a> TreeSession<'a> {
     ) -> Result<Answer, EngineError> {
         let start = Instant::now();
         let mut p = self.prepare(question, settings, params.max_tokens)?;
-        let nodes: Vec<NodeHit> = p.selected.iter().map(|s| self.hit(s)).collect();
+        let mut nodes: Vec<NodeHit> = p.selected.iter().map(|s| self.hit(s)).collect();
         on_nodes(&nodes, p.entries);
-        let gen = generate(
-            &self.llm.model,
-            &self.llm.tokenizer,
-            &p.suffix,
-            &mut p.cache,
-            params,
-            cancel,
-            on_text,
-        )?;
+        let m = &self.llm.model;
+        let pre = prefill(m, &p.suffix, &mut p.cache, params)?;
+        let evidence = self.weigh(question, &nodes, &pre.logits, &mut p.cache)?;
+        let abstained = evidence.abstains(&self.answer);
+        let gen = if abstained {
+            // The closest passages: those read in full first, then the best scored.
+            let mut best: Vec<&NodeHit> = nodes.iter().collect();
+            best.sort_by(|a, b| {
+                (a.alpha != 1)
+                    .cmp(&(b.alpha != 1))
+                    .then(b.score.total_cmp(&a.score))
+            });
+            let pages: Vec<(u32, u32)> = best.iter().map(|n| n.pages).collect();
+            fixed(pre, &trust::not_found(&pages), on_text)
+        } else {
+            // What the answer may quote: the question and the passages read in full.
+            let mut source = p.suffix.clone();
+            for n in nodes.iter().filter(|n| n.alpha == 1) {
+                source.extend_from_slice(&self.tree.tokens()[n.tokens.0..n.tokens.1]);
+            }
+            let tk = &self.llm.tokenizer;
+            decode(m, tk, pre, &source, &mut p.cache, params, cancel, on_text)?
+        };
+        let answer = gen.text.trim().to_string();
+        let support = (!abstained).then(|| self.support(question, &answer, &mut nodes));
         let plan = &self.tree.manifest().plan;
         let mut t = timings(&gen.stats, start);
         // Time to first token counts from the question: search and injection included.
@@ -254,7 +290,10 @@ impl<'a> TreeSession<'a> {
         t.inject_ms = Some(p.prepare_ms - p.search_ms);
         t.reread_tokens = Some(p.reread_tokens);
         Ok(Answer {
-            answer: gen.text.trim().to_string(),
+            answer,
+            abstained,
+            evidence: Some(evidence),
+            support,
             method: Method::Tree,
             stop: gen.stop,
             document_tokens: plan.tokens,
@@ -270,6 +309,54 @@ impl<'a> TreeSession<'a> {
             timings: t,
             memory: self.memory(p.entries, p.cache.bytes()),
         })
+    }
+
+    /// The evidence that the document answers `question`, measured before the answer: the
+    /// passages read in full (of `nodes`) against the question, and the model's own
+    /// readiness (`first`: the logits of the answer's first token) to say it is not there.
+    fn weigh(
+        &self,
+        question: &str,
+        nodes: &[NodeHit],
+        first: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Evidence, EngineError> {
+        let text = self.tree.text();
+        let read: Vec<&str> = nodes
+            .iter()
+            .filter(|n| n.alpha == 1)
+            .map(|n| &text[n.chars.0..n.chars.1])
+            .collect();
+        let logits: Vec<f32> = first.to_vec1()?;
+        let probe = continuation_logprobs(&self.llm.model, first, &self.probe, cache)?;
+        Ok(Evidence::measure(
+            question,
+            &read,
+            self.tree.bm25(self.tree.manifest().plan.config.height),
+            log_softmax_at(&logits, argmax(&logits)).exp(),
+            // "The" starts most answers; what follows it is the model's choice.
+            probe.iter().skip(1).sum::<f32>() / probe.len().saturating_sub(1).max(1) as f32,
+        ))
+    }
+
+    /// Which of `nodes` read in full hold `answer`'s key words; each node is marked.
+    fn support(&self, question: &str, answer: &str, nodes: &mut [NodeHit]) -> Support {
+        let text = self.tree.text();
+        let each: Vec<&str> = nodes
+            .iter()
+            .map(|n| {
+                if n.alpha == 1 {
+                    &text[n.chars.0..n.chars.1]
+                } else {
+                    ""
+                }
+            })
+            .collect();
+        let s = Support::check(question, answer, &each);
+        for (n, &holds) in nodes.iter_mut().zip(&s.passages) {
+            n.supports = (n.alpha == 1).then_some(holds);
+        }
+        s
     }
 
     /// What an answer held: `entries` injected, `kv_bytes` in its cache.
@@ -299,7 +386,7 @@ impl<'a> TreeSession<'a> {
         if question.is_empty() {
             return Err(EngineError::EmptyQuestion);
         }
-        let parts = prompt_parts(self.llm, question)?;
+        let parts = prompt_parts(self.llm, question, self.answer.concise)?;
         let budget = self.budget(settings, parts.suffix.len(), answer_tokens);
         self.search(question, &parts, settings, budget)
     }
@@ -319,6 +406,9 @@ impl<'a> TreeSession<'a> {
         let entries = r.selected.iter().map(|s| s.entries).sum();
         Ok(Answer {
             answer: String::new(),
+            abstained: false,
+            evidence: None,
+            support: None,
             method: Method::Tree,
             stop: crate::model::StopReason::Cancelled,
             document_tokens: plan.tokens,
@@ -665,6 +755,7 @@ impl<'a> TreeSession<'a> {
             chars: node.chars,
             pages: node.pages,
             preview: super::preview(&self.tree.text()[node.chars.0..node.chars.1]),
+            supports: None,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Token generation: sampling, stop tokens, streaming text, cancellation, timings.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -23,6 +24,64 @@ pub struct SamplingParams {
     pub top_p: f32,
     pub seed: u64,
     pub max_tokens: usize,
+    /// What keeps an answer from repeating itself.
+    pub repeat: RepeatControl,
+}
+
+/// Greedy decoding of a small model falls into repeating itself; these are the remedies the
+/// local runtimes give (llama.cpp's repeat penalty, Hugging Face's no-repeat n-grams), all
+/// over the answer's own tokens: the question's and the document's words stay free to copy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RepeatControl {
+    /// Divide a positive logit (multiply a negative one) of each token among the answer's
+    /// last `window` tokens by this; 1 = off.
+    pub penalty: f32,
+    pub window: usize,
+    /// Never produce the same run of this many tokens twice in one answer; 0 = off.
+    pub no_repeat_ngram: usize,
+    /// End the answer at the end of a sentence that says again an earlier one.
+    pub stop_repeated_sentence: bool,
+}
+
+impl RepeatControl {
+    /// Nothing but the loop guard.
+    pub const OFF: Self = Self {
+        penalty: 1.0,
+        window: 64,
+        no_repeat_ngram: 0,
+        stop_repeated_sentence: false,
+    };
+
+    /// Push down (or rule out) the tokens that would repeat what `answer` already says.
+    /// A run found in `source` (the question and what was read) may repeat: a name said
+    /// twice must not come out misspelt the second time.
+    fn apply(&self, logits: &mut [f32], answer: &[u32], source: &HashSet<&[u32]>) {
+        if self.penalty != 1.0 {
+            let mut seen: Vec<u32> = answer[answer.len().saturating_sub(self.window)..].to_vec();
+            seen.sort_unstable();
+            seen.dedup();
+            for t in seen {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 {
+                        *l / self.penalty
+                    } else {
+                        *l * self.penalty
+                    };
+                }
+            }
+        }
+        let n = self.no_repeat_ngram;
+        if n > 0 && answer.len() >= n {
+            let prefix = &answer[answer.len() + 1 - n..];
+            for w in answer.windows(n) {
+                if &w[..n - 1] == prefix && !source.contains(w) {
+                    if let Some(l) = logits.get_mut(w[n - 1] as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Why generation ended.
@@ -35,6 +94,8 @@ pub enum StopReason {
     /// The next position would pass the model's native window.
     ContextFull,
     Cancelled,
+    /// The document holds no answer: a fixed sentence says so instead of the model.
+    Abstained,
     /// The answer fell into a loop (the same run of tokens four times in a row): greedy
     /// decoding of a small model does this, and nothing new would follow.
     Repetition,
@@ -48,6 +109,7 @@ impl std::fmt::Display for StopReason {
             Self::ContextFull => "context window full",
             Self::Cancelled => "stopped",
             Self::Repetition => "stopped a loop",
+            Self::Abstained => "not found in the document",
         })
     }
 }
@@ -105,7 +167,19 @@ impl Sampler {
 
     /// The next token from logits `(vocab,)`.
     pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
-        let logits = logits.to_vec1::<f32>()?;
+        self.sample_after(logits, &[], &HashSet::new())
+    }
+
+    /// The next token of an answer that has produced `answer` so far, from a prompt whose
+    /// runs of `no_repeat_ngram` tokens are `source`.
+    pub fn sample_after(
+        &mut self,
+        logits: &Tensor,
+        answer: &[u32],
+        source: &HashSet<&[u32]>,
+    ) -> Result<u32> {
+        let mut logits = logits.to_vec1::<f32>()?;
+        self.params.repeat.apply(&mut logits, answer, source);
         if self.params.temperature <= 0.0 {
             return Ok(argmax(&logits));
         }
@@ -166,6 +240,38 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// A prompt run through the model, its first answer token not yet chosen.
+pub struct Prefilled {
+    /// Logits `(vocab,)` of the answer's first token.
+    pub logits: Tensor,
+    stats: GenerationStats,
+    start: Instant,
+}
+
+/// Run `prompt` after what `cache` holds, making room for the answer.
+pub fn prefill(
+    model: &Model,
+    prompt: &[u32],
+    cache: &mut KvCache,
+    params: &SamplingParams,
+) -> Result<Prefilled> {
+    let start = Instant::now();
+    let window = model.config().context_length;
+    let prompted = cache.next_position() + prompt.len();
+    let answer_room = params.max_tokens.min(window.saturating_sub(prompted));
+    cache.reserve(cache.len() + prompt.len() + answer_room)?;
+    let logits = model.prefill(prompt, cache)?;
+    Ok(Prefilled {
+        logits,
+        stats: GenerationStats {
+            prompt_tokens: prompt.len(),
+            prefill_secs: start.elapsed().as_secs_f64(),
+            ..Default::default()
+        },
+        start,
+    })
+}
+
 /// Run `prompt` after what `cache` holds, then generate until a stop token, the token
 /// limit, the end of the model's window, or `cancel`. `on_text` receives the answer as it
 /// grows, in whole UTF-8 pieces.
@@ -178,18 +284,35 @@ pub fn generate(
     cancel: &AtomicBool,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
-    let start = Instant::now();
-    let mut stats = GenerationStats {
-        prompt_tokens: prompt.len(),
-        ..Default::default()
-    };
+    let p = prefill(model, prompt, cache, params)?;
+    decode(model, tokenizer, p, prompt, cache, params, cancel, on_text)
+}
+
+/// Generate the answer of a prefilled prompt (see [`generate`]); `source` is what the answer
+/// may quote (the question and the text read), free of the no-repeat rule.
+#[allow(clippy::too_many_arguments)]
+pub fn decode(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    prefilled: Prefilled,
+    source: &[u32],
+    cache: &mut KvCache,
+    params: &SamplingParams,
+    cancel: &AtomicBool,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    let Prefilled {
+        mut logits,
+        mut stats,
+        start,
+    } = prefilled;
     let window = model.config().context_length;
-    let prompted = cache.next_position() + prompt.len();
-    let answer_room = params.max_tokens.min(window.saturating_sub(prompted));
-    cache.reserve(cache.len() + prompt.len() + answer_room)?;
-    let mut logits = model.prefill(prompt, cache)?;
-    stats.prefill_secs = start.elapsed().as_secs_f64();
     let mut sampler = Sampler::new(params.clone());
+    let runs: HashSet<&[u32]> = match params.repeat.no_repeat_ngram {
+        0 => HashSet::new(),
+        n => source.windows(n).collect(),
+    };
+    let mut sentences = Sentences::default();
     let mut tokens = Vec::new();
     let mut emitted = 0;
     let mut text = String::new();
@@ -201,7 +324,7 @@ pub fn generate(
         if tokens.len() >= params.max_tokens {
             break StopReason::MaxTokens;
         }
-        let next = sampler.sample(&logits)?;
+        let next = sampler.sample_after(&logits, &tokens, &runs)?;
         if tokens.is_empty() {
             stats.first_token_secs = start.elapsed().as_secs_f64();
         }
@@ -220,7 +343,9 @@ pub fn generate(
         if tokens.len() >= params.max_tokens {
             break StopReason::MaxTokens;
         }
-        if looping(&tokens) {
+        if looping(&tokens)
+            || (params.repeat.stop_repeated_sentence && sentences.ends_in_repeat(&text))
+        {
             break StopReason::Repetition;
         }
         if cache.next_position() >= window {
@@ -239,6 +364,86 @@ pub fn generate(
         stop,
         stats,
     })
+}
+
+/// Answer a prefilled prompt with `text` instead of the model's words.
+pub fn fixed(prefilled: Prefilled, text: &str, on_text: &mut dyn FnMut(&str)) -> Generation {
+    let mut stats = prefilled.stats;
+    stats.first_token_secs = prefilled.start.elapsed().as_secs_f64();
+    on_text(text);
+    Generation {
+        tokens: Vec::new(),
+        text: text.to_string(),
+        stop: StopReason::Abstained,
+        stats,
+    }
+}
+
+/// The sentences an answer has finished so far, to notice one said twice.
+#[derive(Default)]
+struct Sentences {
+    seen: Vec<String>,
+    /// Where the sentence being written starts in the answer.
+    from: usize,
+}
+
+impl Sentences {
+    /// Whether `text` (the whole answer so far) just finished a sentence said before.
+    /// Sentences under four words do not count ("Mr." ends no sentence of its own).
+    fn ends_in_repeat(&mut self, text: &str) -> bool {
+        if !text.ends_with(['.', '!', '?', '\n']) || self.from > text.len() {
+            return false;
+        }
+        let words: Vec<String> = text[self.from..]
+            .split_whitespace()
+            .map(|w| w.to_lowercase())
+            .collect();
+        if words.len() < 4 {
+            return false;
+        }
+        self.from = text.len();
+        let sentence = words.join(" ");
+        if self.seen.contains(&sentence) {
+            return true;
+        }
+        self.seen.push(sentence);
+        false
+    }
+}
+
+/// The log-probability of each token of `tokens` as the answer's start, after the prompt
+/// whose first-token logits are `first`. `cache` is left as it was.
+pub fn continuation_logprobs(
+    model: &Model,
+    first: &Tensor,
+    tokens: &[u32],
+    cache: &mut KvCache,
+) -> Result<Vec<f32>> {
+    let Some((&head, rest)) = tokens.split_first() else {
+        return Ok(Vec::new());
+    };
+    let mut out = vec![log_softmax_at(&first.to_vec1::<f32>()?, head)];
+    if rest.is_empty() {
+        return Ok(out);
+    }
+    let (len, next) = (cache.len(), cache.next_position());
+    let run = &tokens[..tokens.len() - 1];
+    let positions: Vec<u32> = (next as u32..(next + run.len()) as u32).collect();
+    let hidden = model.run_all(run, &positions, cache);
+    cache.truncate(len);
+    cache.set_next_position(next);
+    let logits = model.logits(&hidden?)?.to_vec2::<f32>()?;
+    out.extend(logits.iter().zip(rest).map(|(l, &t)| log_softmax_at(l, t)));
+    Ok(out)
+}
+
+/// `log softmax(logits)[token]`.
+pub fn log_softmax_at(logits: &[f32], token: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    logits
+        .get(token as usize)
+        .map_or(f32::NEG_INFINITY, |&l| l - max - sum.ln())
 }
 
 #[cfg(test)]
@@ -260,6 +465,46 @@ mod tests {
     }
 
     #[test]
+    fn repeat_control_pushes_down_and_rules_out_repeats() {
+        let penalty = RepeatControl {
+            penalty: 2.0,
+            ..RepeatControl::OFF
+        };
+        let none = HashSet::new();
+        let mut l = [4.0, -1.0, 3.0, 1.0];
+        penalty.apply(&mut l, &[0, 1], &none);
+        assert_eq!(l, [2.0, -2.0, 3.0, 1.0], "only the answer's own tokens");
+        let ngram = RepeatControl {
+            no_repeat_ngram: 3,
+            ..RepeatControl::OFF
+        };
+        // "5 6 7 … 5 6" must not go on with 7.
+        let mut l = [0.0; 8];
+        ngram.apply(&mut l, &[5, 6, 7, 1, 5, 6], &none);
+        assert_eq!(l[7], f32::NEG_INFINITY);
+        assert!(l[..7].iter().all(|&x| x == 0.0));
+        // Unless the question or the passages say "5 6 7": a name may be said twice.
+        let quoted: HashSet<&[u32]> = [&[5u32, 6, 7][..]].into_iter().collect();
+        let mut l = [0.0; 8];
+        ngram.apply(&mut l, &[5, 6, 7, 1, 5, 6], &quoted);
+        assert_eq!(l[7], 0.0);
+        let mut off = [1.0, 2.0];
+        RepeatControl::OFF.apply(&mut off, &[0, 1, 0, 1], &none);
+        assert_eq!(off, [1.0, 2.0]);
+    }
+
+    #[test]
+    fn a_sentence_said_twice_ends_the_answer() {
+        let mut s = Sentences::default();
+        let a = "Mr. Wilson was paid four pounds a week.";
+        assert!(!s.ends_in_repeat("Mr."), "too short to be a sentence");
+        assert!(!s.ends_in_repeat(a));
+        let b = format!("{a} That is a lot of money.");
+        assert!(!s.ends_in_repeat(&b));
+        assert!(s.ends_in_repeat(&format!("{b} Mr. Wilson was paid four pounds a WEEK.")));
+    }
+
+    #[test]
     fn greedy_takes_the_first_maximum() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
     }
@@ -274,6 +519,7 @@ mod tests {
             top_p: 0.5,
             seed: 7,
             max_tokens: 1,
+            repeat: RepeatControl::OFF,
         });
         let draws: Vec<u32> = (0..200).map(|_| s.sample(&logits)).collect::<Result<_>>()?;
         assert!(draws.iter().all(|&t| t < 2), "{draws:?}");
@@ -289,6 +535,7 @@ mod tests {
             top_p: 1.0,
             seed: 3,
             max_tokens: 1,
+            repeat: RepeatControl::OFF,
         };
         let a: Vec<u32> = {
             let mut s = Sampler::new(params.clone());

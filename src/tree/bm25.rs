@@ -63,9 +63,15 @@ impl Bm25 {
         }
     }
 
+    /// How rare `term` is among the passages (BM25's idf: higher is rarer).
+    pub fn idf(&self, term: &str) -> f64 {
+        let n = self.counts.len() as f64;
+        let df = *self.df.get(term).unwrap_or(&0) as f64;
+        ((n - df + 0.5) / (df + 0.5) + 1.0).ln()
+    }
+
     /// The BM25 score of every passage for `query`, in passage order.
     pub fn scores(&self, query: &str) -> Vec<f64> {
-        let n = self.counts.len() as f64;
         let mut q: Vec<String> = terms(query).collect();
         q.sort();
         q.dedup();
@@ -79,8 +85,7 @@ impl Bm25 {
                         if tf == 0.0 {
                             return 0.0;
                         }
-                        let df = *self.df.get(t).unwrap_or(&0) as f64;
-                        let idf = ((n - df + 0.5) / (df + 0.5) + 1.0).ln();
+                        let idf = self.idf(t);
                         let norm = K1 * (1.0 - B + B * len as f64 / self.avg_len.max(1.0));
                         idf * tf * (K1 + 1.0) / (tf + norm)
                     })

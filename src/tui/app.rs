@@ -350,6 +350,7 @@ impl App {
                         question: p.question,
                         answer,
                         stop: done.stop,
+                        supported: done.supported,
                         sources: read_first(&p.expanded)
                             .iter()
                             .map(|n| SourceRef {

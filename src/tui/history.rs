@@ -25,6 +25,9 @@ pub struct Turn {
     pub stop: String,
     #[serde(default)]
     pub sources: Vec<SourceRef>,
+    /// `Some(false)`: none of the passages read holds the answer's key words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supported: Option<bool>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -141,6 +144,7 @@ mod tests {
             question: "Who?".into(),
             answer: "Holmes.".into(),
             stop: "end of turn".into(),
+            supported: None,
             sources: vec![SourceRef {
                 chunk: 3,
                 level: 1,

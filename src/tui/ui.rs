@@ -262,7 +262,14 @@ fn chat_rows(app: &App, width: usize, need: usize) -> (Vec<Line<'static>>, bool)
         if !pages.is_empty() {
             m.push_str(&format!(" · {}", pages.join(", ")));
         }
-        b.push(Line::styled(m, meta));
+        let mut footer = Line::styled(m, meta);
+        if t.supported == Some(false) {
+            footer.spans.push(Span::styled(
+                format!(" · {}", crate::engine::trust::UNSUPPORTED),
+                Style::default().fg(Color::Yellow),
+            ));
+        }
+        b.push(footer);
         b.push(Line::default());
         if i + 1 == app.restored {
             b.push(
@@ -433,6 +440,39 @@ fn draw_tree(frame: &mut Frame, app: &App, area: Rect) {
     frame.render_widget(Paragraph::new(lines), inner);
 }
 
+/// A passage as the pane shows it: paragraphs (split at blank lines) with the page's hard
+/// line breaks joined and words hyphenated across a line end made whole again, so the
+/// pane's own wrapping reads as prose. An empty string stands between paragraphs.
+pub fn reflow(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut para = String::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() {
+            if !para.is_empty() {
+                out.push(std::mem::take(&mut para));
+                out.push(String::new());
+            }
+            continue;
+        }
+        let starts_lower = line.chars().next().is_some_and(char::is_lowercase);
+        let hyphen = para
+            .strip_suffix(['-', '\u{AD}'])
+            .filter(|p| p.chars().next_back().is_some_and(char::is_alphabetic));
+        match hyphen {
+            Some(p) if starts_lower => para.truncate(p.len()),
+            _ if !para.is_empty() => para.push(' '),
+            _ => {}
+        }
+        para.push_str(line);
+    }
+    if !para.is_empty() {
+        out.push(para);
+    } else if out.last().is_some_and(String::is_empty) {
+        out.pop();
+    }
+    out
+}
+
 fn draw_sources(frame: &mut Frame, app: &App, area: Rect) {
     let heading = Style::default()
         .fg(Color::Yellow)
@@ -450,7 +490,7 @@ fn draw_sources(frame: &mut Frame, app: &App, area: Rect) {
                 ),
                 heading,
             ));
-            lines.extend(tree.text(i).lines().map(|l| Line::raw(l.to_string())));
+            lines.extend(reflow(tree.text(i)).into_iter().map(Line::raw));
             format!(" Source · {} p.{} ", node_label(n), page_range(n.pages))
         }
         (_, tree) => {
@@ -477,7 +517,7 @@ fn draw_sources(frame: &mut Frame, app: &App, area: Rect) {
                     .and_then(|t| t.find(n).map(move |i| t.text(i)))
                     .filter(|t| !t.is_empty())
                     .unwrap_or(&n.preview);
-                lines.extend(text.lines().map(|l| Line::raw(l.to_string())));
+                lines.extend(reflow(text).into_iter().map(Line::raw));
                 lines.push(Line::default());
             }
             " Sources · last answer ".to_string()
@@ -661,4 +701,23 @@ fn draw_help(frame: &mut Frame, app: &App, area: Rect) {
         Style::default().fg(Color::DarkGray),
     ));
     frame.render_widget(Paragraph::new(lines), inner);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reflow;
+
+    #[test]
+    fn reflow_joins_lines_and_undoes_line_end_hyphens() {
+        let pdf = "Our 152-layer residual net is the deep-\nest network yet presented\non ImageNet.\n\n  Second para-\n  graph.\nWell-\nKnown stays.\n";
+        assert_eq!(
+            reflow(pdf),
+            [
+                "Our 152-layer residual net is the deepest network yet presented on ImageNet.",
+                "",
+                "Second paragraph. Well- Known stays.",
+            ]
+        );
+        assert!(reflow("\n\n").is_empty());
+    }
 }
