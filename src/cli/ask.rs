@@ -171,14 +171,12 @@ fn report_tree_answer(answer: &Answer) {
     }
     if let Some(e) = &answer.evidence {
         say(&format!(
-            "{} · evidence score {:.2} (question covered {:.0} %, best passage {:.0} %, first token p {:.2}, log-prob of \"{}\" {:.2})",
+            "{} · evidence score {:.2} (question covered {:.0} % by the passages read in full, best passage {:.0} %, first token p {:.2})",
             if answer.abstained { "abstained" } else { "answered" },
             e.score,
             100.0 * e.coverage,
             100.0 * e.best_passage,
             e.first_token,
-            engine::trust::PROBE.trim_start_matches("The "),
-            e.abstain_logprob,
         ));
     }
     if answer.support.as_ref().and_then(|s| s.supported()) == Some(false) {

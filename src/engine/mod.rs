@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::document::Document;
 use crate::model::{
-    generate, Embedder, Encoded, GenerationStats, Llm, Message, ModelChoice, ModelError,
+    decode, prefill, Embedder, Encoded, GenerationStats, Llm, Message, ModelChoice, ModelError,
     SamplingParams, StopReason,
 };
 use crate::tree::search::{Fusion, Scorer, SearchSettings};
@@ -102,7 +102,7 @@ pub struct AnswerSettings {
     /// is below `abstain_threshold` (`tree` answers).
     pub abstain: bool,
     /// Lower answers more, higher abstains more.
-    pub abstain_threshold: f32,
+    pub abstain_threshold: f64,
     /// Ask for the answer in one sentence, then at most one supporting sentence.
     pub concise: bool,
 }
@@ -374,10 +374,14 @@ pub fn ask(
     };
     let prompt = [&parts.prefix[..], &kept[..], &parts.suffix[..]].concat();
     let mut cache = llm.model.new_cache();
-    let gen = generate(
-        &llm.model,
-        &llm.tokenizer,
-        &prompt,
+    let (m, tk) = (&llm.model, &llm.tokenizer);
+    let pre = prefill(m, &prompt, &mut cache, params)?;
+    // As for the tree: the question's runs may come back whole, the document's may not.
+    let gen = decode(
+        m,
+        tk,
+        pre,
+        &parts.suffix,
         &mut cache,
         params,
         cancel,

@@ -17,8 +17,8 @@ use super::{
     prompt_parts, timings, Answer, AnswerSettings, EngineError, Memory, Method, PromptParts,
 };
 use crate::model::{
-    argmax, continuation_logprobs, decode, fixed, log_softmax_at, prefill, Embedder, Forward,
-    KvCache, LayerKv, Llm, SamplingParams,
+    argmax, decode, fixed, log_softmax_at, prefill, Embedder, Forward, KvCache, LayerKv, Llm,
+    SamplingParams,
 };
 use crate::store::{Plan, Tree};
 use crate::tree::layout::{level_rows, node_number, node_spans};
@@ -87,9 +87,8 @@ pub struct TreeSession<'a> {
     mark_kv: Option<Vec<f16>>,
     /// The embedder and the tree's dense node vectors, for `dense` and `hybrid`.
     dense: Option<DenseIndex>,
-    /// When to answer that the document does not say, and [`trust::PROBE`]'s tokens.
+    /// When to answer that the document does not say, and how to ask.
     answer: AnswerSettings,
-    probe: Vec<u32>,
 }
 
 /// What dense search needs: the embedder (for the question) and every node's vector.
@@ -136,7 +135,6 @@ impl<'a> TreeSession<'a> {
             mark_kv: None,
             dense: None,
             answer: AnswerSettings::default(),
-            probe: llm.tokenizer.encode(trust::PROBE, false)?,
         })
     }
 
@@ -259,7 +257,7 @@ impl<'a> TreeSession<'a> {
         on_nodes(&nodes, p.entries);
         let m = &self.llm.model;
         let pre = prefill(m, &p.suffix, &mut p.cache, params)?;
-        let evidence = self.weigh(question, &nodes, &pre.logits, &mut p.cache)?;
+        let evidence = self.weigh(question, &nodes, &pre.logits)?;
         let abstained = evidence.abstains(&self.answer);
         let gen = if abstained {
             // The closest passages: those read in full first, then the best scored.
@@ -272,13 +270,10 @@ impl<'a> TreeSession<'a> {
             let pages: Vec<(u32, u32)> = best.iter().map(|n| n.pages).collect();
             fixed(pre, &trust::not_found(&pages), on_text)
         } else {
-            // What the answer may quote: the question and the passages read in full.
-            let mut source = p.suffix.clone();
-            for n in nodes.iter().filter(|n| n.alpha == 1) {
-                source.extend_from_slice(&self.tree.tokens()[n.tokens.0..n.tokens.1]);
-            }
+            // The question's words may come back whole (its names); the passages' may not,
+            // or the model copies a sentence of them twice.
             let tk = &self.llm.tokenizer;
-            decode(m, tk, pre, &source, &mut p.cache, params, cancel, on_text)?
+            decode(m, tk, pre, &p.suffix, &mut p.cache, params, cancel, on_text)?
         };
         let answer = gen.text.trim().to_string();
         let support = (!abstained).then(|| self.support(question, &answer, &mut nodes));
@@ -312,14 +307,13 @@ impl<'a> TreeSession<'a> {
     }
 
     /// The evidence that the document answers `question`, measured before the answer: the
-    /// passages read in full (of `nodes`) against the question, and the model's own
-    /// readiness (`first`: the logits of the answer's first token) to say it is not there.
+    /// passages read in full (of `nodes`) against the question; `first` is the logits of
+    /// the answer's first token.
     fn weigh(
         &self,
         question: &str,
         nodes: &[NodeHit],
         first: &Tensor,
-        cache: &mut KvCache,
     ) -> Result<Evidence, EngineError> {
         let text = self.tree.text();
         let read: Vec<&str> = nodes
@@ -328,14 +322,11 @@ impl<'a> TreeSession<'a> {
             .map(|n| &text[n.chars.0..n.chars.1])
             .collect();
         let logits: Vec<f32> = first.to_vec1()?;
-        let probe = continuation_logprobs(&self.llm.model, first, &self.probe, cache)?;
         Ok(Evidence::measure(
             question,
             &read,
             self.tree.bm25(self.tree.manifest().plan.config.height),
             log_softmax_at(&logits, argmax(&logits)).exp(),
-            // "The" starts most answers; what follows it is the model's choice.
-            probe.iter().skip(1).sum::<f32>() / probe.len().saturating_sub(1).max(1) as f32,
         ))
     }
 

@@ -53,8 +53,8 @@ impl RepeatControl {
     };
 
     /// Push down (or rule out) the tokens that would repeat what `answer` already says.
-    /// A run found in `source` (the question and what was read) may repeat: a name said
-    /// twice must not come out misspelt the second time.
+    /// A run found in `source` (the question) may repeat: a name said twice must not come
+    /// out misspelt the second time.
     fn apply(&self, logits: &mut [f32], answer: &[u32], source: &HashSet<&[u32]>) {
         if self.penalty != 1.0 {
             let mut seen: Vec<u32> = answer[answer.len().saturating_sub(self.window)..].to_vec();
@@ -289,7 +289,7 @@ pub fn generate(
 }
 
 /// Generate the answer of a prefilled prompt (see [`generate`]); `source` is what the answer
-/// may quote (the question and the text read), free of the no-repeat rule.
+/// may quote again and again (the question), free of the no-repeat rule.
 #[allow(clippy::too_many_arguments)]
 pub fn decode(
     model: &Model,
@@ -409,32 +409,6 @@ impl Sentences {
         self.seen.push(sentence);
         false
     }
-}
-
-/// The log-probability of each token of `tokens` as the answer's start, after the prompt
-/// whose first-token logits are `first`. `cache` is left as it was.
-pub fn continuation_logprobs(
-    model: &Model,
-    first: &Tensor,
-    tokens: &[u32],
-    cache: &mut KvCache,
-) -> Result<Vec<f32>> {
-    let Some((&head, rest)) = tokens.split_first() else {
-        return Ok(Vec::new());
-    };
-    let mut out = vec![log_softmax_at(&first.to_vec1::<f32>()?, head)];
-    if rest.is_empty() {
-        return Ok(out);
-    }
-    let (len, next) = (cache.len(), cache.next_position());
-    let run = &tokens[..tokens.len() - 1];
-    let positions: Vec<u32> = (next as u32..(next + run.len()) as u32).collect();
-    let hidden = model.run_all(run, &positions, cache);
-    cache.truncate(len);
-    cache.set_next_position(next);
-    let logits = model.logits(&hidden?)?.to_vec2::<f32>()?;
-    out.extend(logits.iter().zip(rest).map(|(l, &t)| log_softmax_at(l, t)));
-    Ok(out)
 }
 
 /// `log softmax(logits)[token]`.

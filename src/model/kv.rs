@@ -82,17 +82,6 @@ impl KvCache {
         self.shift = pos as i64 - self.len() as i64;
     }
 
-    /// Forget every entry from `len` on, in every layer (storage is kept for reuse).
-    /// The next position moves back by as many entries as were forgotten.
-    pub fn truncate(&mut self, len: usize) {
-        for l in &mut self.lens {
-            *l = (*l).min(len);
-        }
-        for b in &mut self.bias {
-            b.truncate(len);
-        }
-    }
-
     /// No entries yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

@@ -31,8 +31,8 @@ pub use fetch::{
     CatalogueModel, CATALOGUE,
 };
 pub use generate::{
-    argmax, continuation_logprobs, decode, fixed, generate, log_softmax_at, prefill, Generation,
-    GenerationStats, Prefilled, RepeatControl, Sampler, SamplingParams, StopReason,
+    argmax, decode, fixed, generate, log_softmax_at, prefill, Generation, GenerationStats,
+    Prefilled, RepeatControl, Sampler, SamplingParams, StopReason,
 };
 pub use kv::KvCache;
 pub use load::from_tensors;

@@ -562,28 +562,6 @@ impl Model {
         Ok(hidden.narrow(0, hidden.dim(0)? - 1, 1)?)
     }
 
-    /// Run every layer over a few `tokens` at `positions`, adding their KV to `cache`, and
-    /// return every token's hidden state `(n, d_model)` (scoring a continuation needs
-    /// them all; one piece, so keep it short).
-    pub fn run_all(
-        &self,
-        tokens: &[u32],
-        positions: &[u32],
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
-        if tokens.is_empty() || positions.len() != tokens.len() {
-            return Err(ModelError::Input(format!(
-                "{} positions for {} tokens",
-                positions.len(),
-                tokens.len()
-            )));
-        }
-        let x = self.embed(tokens)?;
-        Ok(self
-            .forward(&x, &Forward::all(self, positions), cache)?
-            .hidden)
-    }
-
     /// Bytes of the model's tensors as held in memory.
     pub fn weight_bytes(&self) -> usize {
         let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
