@@ -103,7 +103,7 @@ pub struct AnswerSettings {
     pub abstain: bool,
     /// Lower answers more, higher abstains more.
     pub abstain_threshold: f64,
-    /// Ask for the answer in one sentence, then at most one supporting sentence.
+    /// Ask for the answer in one short sentence ([`CONCISE`], after the question).
     pub concise: bool,
 }
 
