@@ -103,7 +103,7 @@ pub struct AnswerSettings {
     pub abstain: bool,
     /// Lower answers more, higher abstains more.
     pub abstain_threshold: f64,
-    /// Ask for the answer in one short sentence ([`CONCISE`], after the question).
+    /// Ask for the answer in one short sentence (a line after the question).
     pub concise: bool,
 }
 
