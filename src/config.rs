@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::document::LoadOptions;
 use crate::engine::ingest::IngestSettings;
-use crate::engine::{AnswerSettings, RagSettings, Settings};
+use crate::engine::{AnswerSettings, ConversationSettings, RagSettings, Settings};
 use crate::model::{DeviceChoice, ModelChoice};
 use crate::store::StoreSettings;
 use crate::tree::search::SearchSettings;
@@ -29,6 +29,7 @@ pub struct Config {
     pub store: StoreSettings,
     pub search: SearchSettings,
     pub answer: AnswerSettings,
+    pub conversation: ConversationSettings,
     pub paths: PathSettings,
 }
 
@@ -232,6 +233,10 @@ impl Config {
         if !self.answer.abstain_threshold.is_finite() {
             return bad("answer.abstain_threshold", "must be a number");
         }
+        let w = self.conversation.search_weight;
+        if !(w.is_finite() && w >= 0.0) {
+            return bad("conversation.search_weight", "must be a number ≥ 0");
+        }
         let n = self.search.neighbours;
         if !(n.is_finite() && n >= 0.0) {
             return bad("search.neighbours", "must be a number ≥ 0");
@@ -313,6 +318,7 @@ impl Config {
             rag: self.rag.clone(),
             sampling: self.generate.sampling(),
             answer: self.answer.clone(),
+            conversation: self.conversation.clone(),
         }
     }
 

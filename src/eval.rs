@@ -12,7 +12,9 @@ use std::sync::atomic::AtomicBool;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{self, Answer, AskSettings, EngineError, Method, Settings, TreeSession};
+use crate::engine::{
+    self, Answer, AskSettings, EngineError, Exchange, Method, Settings, TreeSession,
+};
 use crate::model::Llm;
 
 /// One line of a dataset.
@@ -20,6 +22,8 @@ use crate::model::Llm;
 pub struct Case {
     pub id: String,
     pub book: String,
+    /// The question; for a conversation, its last turn's.
+    #[serde(default)]
     pub question: String,
     /// Empty for an absent case.
     #[serde(default)]
@@ -44,6 +48,23 @@ pub struct Case {
     /// Book questions: `direct` (the question reuses the evidence's words) or `paraphrase`.
     #[serde(default)]
     pub kind: Option<String>,
+    /// A conversation (`conv_dev.jsonl`): its turns in order; the last is the one scored
+    /// (by `answer` and `aliases`), the earlier ones carry their own expected answer.
+    #[serde(default)]
+    pub turns: Vec<CaseTurn>,
+    /// A conversation: its last question asked on its own, names in place of pronouns.
+    #[serde(default)]
+    pub standalone: Option<String>,
+}
+
+/// One turn of a conversation case.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct CaseTurn {
+    pub question: String,
+    #[serde(default)]
+    pub answer: Option<String>,
+    #[serde(default)]
+    pub aliases: Vec<String>,
 }
 
 impl Case {
@@ -102,11 +123,28 @@ pub fn load_cases(path: &Path) -> Result<Vec<Case>, EvalError> {
         if line.trim().is_empty() {
             continue;
         }
-        let case: Case = serde_json::from_str(line).map_err(|e| EvalError::Line {
+        let mut case: Case = serde_json::from_str(line).map_err(|e| EvalError::Line {
             path: path.into(),
             line: i + 1,
             reason: e.to_string(),
         })?;
+        if let Some(last) = case.turns.last() {
+            if !case.question.is_empty() && case.question != last.question {
+                return Err(EvalError::Line {
+                    path: path.into(),
+                    line: i + 1,
+                    reason: "a conversation's question is its last turn's".into(),
+                });
+            }
+            case.question = last.question.clone();
+        }
+        if case.question.trim().is_empty() {
+            return Err(EvalError::Line {
+                path: path.into(),
+                line: i + 1,
+                reason: "a case needs a question, or turns".into(),
+            });
+        }
         let needle_fields = [
             case.context_tokens_approx.is_some(),
             case.depth.is_some(),
@@ -404,7 +442,32 @@ pub struct CaseResult {
     /// With `read_alone`: whether the model answers from the tree's full-resolution passages
     /// alone, given as text with full attention (`None` otherwise).
     pub alone_correct: Option<bool>,
+    /// A conversation's last question asked another way: `alone` (no earlier turns) or
+    /// `standalone` (its pronouns spelt out); `None` for the conversation itself and for
+    /// every other case.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    /// A conversation: the earlier turns as they were answered (the history the last
+    /// question followed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<TurnResult>,
+    /// Earlier turns the last question's prompt carried.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub history_turns: usize,
     pub error: Option<String>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// An earlier turn of a conversation case, as the model answered it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TurnResult {
+    pub question: String,
+    pub answer: String,
+    /// Against the turn's expected answer, when the dataset gives one.
+    pub correct: Option<bool>,
 }
 
 /// A Markdown table: one row per haystack size (or one row for book questions), one column
@@ -478,6 +541,8 @@ pub struct Summary {
     pub repeated: usize,
     /// Median answer length in words.
     pub median_words: f64,
+    /// Median time to first token, in ms.
+    pub median_first_token_ms: f64,
 }
 
 /// The ranks at which recall is reported.
@@ -502,7 +567,8 @@ pub fn summarize(results: &[CaseResult]) -> Vec<Summary> {
             let rs: Vec<&CaseResult> = results
                 .iter()
                 .filter(|r| match k {
-                    None => !r.absent,
+                    // A conversation's other askings are its own groups, not more cases.
+                    None => !r.absent && r.variant.is_none(),
                     Some(_) => r.kind.as_deref() == k,
                 })
                 .collect();
@@ -529,6 +595,7 @@ pub fn summarize(results: &[CaseResult]) -> Vec<Summary> {
                 abstained: rs.iter().filter(|r| r.abstained).count(),
                 repeated: rs.iter().filter(|r| r.repeats).count(),
                 median_words: median(rs.iter().map(|r| r.words as f64).collect()),
+                median_first_token_ms: median(rs.iter().map(|r| r.first_token_ms).collect()),
             }
         })
         .collect()
@@ -539,7 +606,7 @@ pub fn summarize(results: &[CaseResult]) -> Vec<Summary> {
 /// "correct" is "abstained".
 pub fn summary_table(method: &str, summaries: &[Summary]) -> String {
     let mut out = format!(
-        "| {method} | cases | correct | evidence read | recall@4 | recall@8 | recall@16 | abstained | repeated 8-gram | median words |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        "| {method} | cases | correct | evidence read | recall@4 | recall@8 | recall@16 | abstained | repeated 8-gram | median words | median first token |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for s in summaries {
         let pct = |n: Option<usize>| match n {
@@ -548,7 +615,7 @@ pub fn summary_table(method: &str, summaries: &[Summary]) -> String {
         };
         let at = |k: usize| s.recall_at.as_ref().and_then(|r| r.get(&k).copied());
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} ms |\n",
             s.kind,
             s.cases,
             pct(Some(s.correct)),
@@ -559,6 +626,7 @@ pub fn summary_table(method: &str, summaries: &[Summary]) -> String {
             pct(Some(s.abstained)),
             pct(Some(s.repeated)),
             s.median_words,
+            s.median_first_token_ms,
         ));
     }
     out
@@ -614,6 +682,8 @@ mod tests {
             evidence_quote: None,
             kind: None,
             absent: false,
+            turns: Vec::new(),
+            standalone: None,
         };
         assert!(correct(&case, "It rose to 4200  FEET."));
         let text = "said his lady,\n“have you heard that\nNetherfield is let?”";
@@ -737,11 +807,14 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    /// Answer `case` on `doc`; errors of the answer itself are the case's, others stop the run.
+    /// Answer `question` of `case` on `doc`, following `history`; errors of the answer
+    /// itself are the case's, others stop the run.
     fn answer(
         &mut self,
         case: &Case,
         doc: &Doc,
+        question: &str,
+        history: &[Exchange],
         say: &mut dyn FnMut(&str),
     ) -> Result<Result<Answer, EngineError>, EvalError> {
         let (s, plan, cancel) = (self.settings, self.plan, self.cancel);
@@ -749,9 +822,9 @@ impl<'a> Reader<'a> {
         if self.method == Method::Tree {
             let session = self.tree_session(case, doc, say)?;
             return Ok(if plan.retrieval_only {
-                session.search_only(&case.question, &s.search, params.max_tokens)
+                session.search_only(question, history, &s.search, params.max_tokens)
             } else {
-                session.ask(&case.question, &s.search, params, cancel, &mut |_| {})
+                session.ask(question, history, &s.search, params, cancel, &mut |_| {})
             });
         }
         let d = match self.loaded.take() {
@@ -762,16 +835,68 @@ impl<'a> Reader<'a> {
             }
         };
         let ask = AskSettings::new(self.method, &s.rag, &s.search, self.plan.embedder.clone())
-            .concise(s.answer.concise);
+            .concise(s.answer.concise)
+            .following(history, &s.conversation);
         Ok(engine::ask(
             self.llm,
             d,
-            &case.question,
+            question,
             &ask,
             params,
             self.cancel,
             &mut |_| {},
         ))
+    }
+
+    /// Answer and score `question` (following `history`) as `case`.
+    fn scored(
+        &mut self,
+        case: &Case,
+        doc: &Doc,
+        question: &str,
+        history: &[Exchange],
+        say: &mut dyn FnMut(&str),
+    ) -> Result<CaseResult, EvalError> {
+        Ok(match self.answer(case, doc, question, history, say)? {
+            Ok(a) => self.score(case, a)?,
+            Err(e) => failed(case, &e),
+        })
+    }
+
+    /// Ask a conversation's turns in order, each following the answers the model gave to
+    /// the ones before, and score the last.
+    fn conversation(
+        &mut self,
+        case: &Case,
+        doc: &Doc,
+        say: &mut dyn FnMut(&str),
+    ) -> Result<CaseResult, EvalError> {
+        let (last, earlier) = case.turns.split_last().ok_or_else(|| EvalError::Case {
+            id: case.id.clone(),
+            reason: "a conversation without turns".into(),
+        })?;
+        let mut history: Vec<Exchange> = Vec::new();
+        let mut turns = Vec::new();
+        for turn in earlier {
+            let answer = match self.answer(case, doc, &turn.question, &history, say)? {
+                Ok(a) => a.answer,
+                Err(e) => return Ok(failed(case, &e)),
+            };
+            let expected = Case {
+                answer: turn.answer.clone().unwrap_or_default(),
+                aliases: turn.aliases.clone(),
+                ..case.clone()
+            };
+            turns.push(TurnResult {
+                question: turn.question.clone(),
+                correct: turn.answer.as_ref().map(|_| correct(&expected, &answer)),
+                answer: answer.clone(),
+            });
+            history.push(Exchange::new(turn.question.clone(), answer));
+        }
+        let mut r = self.scored(case, doc, &last.question, &history, say)?;
+        r.earlier = turns;
+        Ok(r)
     }
 
     /// The session of `doc`'s tree, opening (or building) it when the cases move to it.
@@ -801,7 +926,8 @@ impl<'a> Reader<'a> {
                 )?;
                 let embedder = self.plan.embedder.as_ref();
                 let s = engine::dense::session(self.llm, tree, embedder, &mut progress)?
-                    .with_answer_settings(self.settings.answer.clone());
+                    .with_answer_settings(self.settings.answer.clone())
+                    .with_conversation(self.settings.conversation.clone());
                 if report.built {
                     say(&format!(
                         "{}: built the tree of {} tokens in {:.0} s ({:.0} tok/s)",
@@ -893,6 +1019,9 @@ impl<'a> Reader<'a> {
             evidence_rank,
             kind: kind(case),
             alone_correct,
+            variant: None,
+            earlier: Vec::new(),
+            history_turns: a.history_turns,
             error: None,
         })
     }
@@ -902,6 +1031,8 @@ impl<'a> Reader<'a> {
 fn kind(case: &Case) -> Option<String> {
     if case.absent {
         Some("absent".into())
+    } else if case.turns.len() > 1 && case.kind.is_none() {
+        Some("conversation".into())
     } else {
         case.kind.clone()
     }
@@ -932,6 +1063,9 @@ fn failed(case: &Case, e: &EngineError) -> CaseResult {
         evidence_rank: None,
         kind: kind(case),
         alone_correct: None,
+        variant: None,
+        earlier: Vec::new(),
+        history_turns: 0,
         error: Some(e.to_string()),
     }
 }
@@ -978,7 +1112,7 @@ pub fn run(
     let mut order: Vec<usize> = (0..plan.cases.len()).collect();
     // Cases on the same document run together, so its tree is opened once.
     order.sort_by(|&a, &b| docs[a].path.cmp(&docs[b].path));
-    let mut results: Vec<Option<CaseResult>> = vec![None; plan.cases.len()];
+    let mut results: Vec<Vec<CaseResult>> = vec![Vec::new(); plan.cases.len()];
     let cancel = AtomicBool::new(false);
     let mut reader = Reader {
         llm,
@@ -991,12 +1125,31 @@ pub fn run(
     };
     for i in order {
         let case = &plan.cases[i];
-        let r = match reader.answer(case, &docs[i], say)? {
-            Ok(a) => reader.score(case, a)?,
-            Err(e) => failed(case, &e),
+        let doc = &docs[i];
+        let mut r = if case.turns.len() > 1 {
+            reader.conversation(case, doc, say)?
+        } else {
+            reader.scored(case, doc, &case.question, &[], say)?
         };
         say(&case_line(&r));
-        results[i] = Some(r);
+        let mut all = vec![r.clone()];
+        if case.turns.len() > 1 {
+            // The same question without its conversation, and spelt out: what the
+            // conversation adds, and what it would take to ask without one.
+            let variants = [
+                Some(("alone", case.question.as_str())),
+                case.standalone.as_deref().map(|q| ("standalone", q)),
+            ];
+            for (name, question) in variants.into_iter().flatten() {
+                r = reader.scored(case, doc, question, &[], say)?;
+                r.id = format!("{}/{name}", case.id);
+                r.kind = Some(format!("turn asked {name}"));
+                r.variant = Some(name.to_string());
+                say(&case_line(&r));
+                all.push(r);
+            }
+        }
+        results[i] = all;
     }
     Ok(results.into_iter().flatten().collect())
 }

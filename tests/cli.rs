@@ -553,3 +553,83 @@ fn write_errors_of_ask_and_extract_are_reported() {
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(0));
 }
+
+/// `ask --history FILE` is a conversation for scripts: each answer is added to FILE as one
+/// JSON line, the next question follows the turns there, and a broken FILE is refused in
+/// one line without being touched.
+#[test]
+fn ask_history_carries_a_conversation_and_adds_each_turn() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // The opening of "A Scandal in Bohemia": a tree of a few chunks, quick to build.
+    let text = std::fs::read_to_string(sample()).expect("sample");
+    let cut = (6000..text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
+    let book = dir.path().join("scandal.txt");
+    std::fs::write(&book, &text[..cut]).expect("write book");
+    let history = dir.path().join("talk.jsonl");
+    let cache = dir.path().join("cache");
+    let env = [("SLM_CHAT_PATHS_CACHE_DIR", cache.to_str().expect("utf-8"))];
+    let model = default_model();
+    let ask = |question: &str| {
+        run_env(
+            &[
+                "--model",
+                model.to_str().expect("utf-8"),
+                "ask",
+                book.to_str().expect("utf-8"),
+                question,
+                "--history",
+                history.to_str().expect("utf-8"),
+                "--json",
+                "--max-tokens",
+                "24",
+            ],
+            &env,
+        )
+    };
+    let first = ask("Who does Sherlock Holmes always call the woman?");
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let one: serde_json::Value = serde_json::from_str(&first.stdout).expect("JSON");
+    assert!(
+        one.get("history_turns").is_none(),
+        "a new conversation: {one}"
+    );
+    let saved = std::fs::read_to_string(&history).expect("history written");
+    assert_eq!(saved.lines().count(), 1, "{saved}");
+    let turn: serde_json::Value = serde_json::from_str(saved.trim()).expect("a JSON line");
+    assert_eq!(turn["answer"], one["answer"]);
+
+    let second = ask("What did he feel for her?");
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    let two: serde_json::Value = serde_json::from_str(&second.stdout).expect("JSON");
+    assert_eq!(two["history_turns"], 1, "{two}");
+    // The earlier turn is in the prompt: more prompt than the question alone needs.
+    assert!(
+        two["prompt_tokens"].as_u64() > one["prompt_tokens"].as_u64(),
+        "{} vs {}",
+        two["prompt_tokens"],
+        one["prompt_tokens"]
+    );
+    let saved = std::fs::read_to_string(&history).expect("history");
+    let questions: Vec<String> = saved
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");
+            v["question"].as_str().unwrap_or("").to_string()
+        })
+        .collect();
+    assert_eq!(
+        questions,
+        [
+            "Who does Sherlock Holmes always call the woman?",
+            "What did he feel for her?"
+        ]
+    );
+
+    let broken = b"{\"question\": \"Who?\", \"answer\": \"Holmes.\"}\nnot json\n";
+    std::fs::write(&history, broken).expect("write");
+    let out = ask("And then?");
+    assert_one_line_error(&out, "talk.jsonl:2: not a turn of a conversation");
+    assert_eq!(std::fs::read(&history).expect("history"), broken);
+}

@@ -114,7 +114,7 @@ fn dense_vectors_are_stored_with_the_tree_and_rank_its_leaves() {
     let best = (0..leaves.len())
         .max_by(|&a, &b| cos(&v[a * d..][..d], &q).total_cmp(&cos(&v[b * d..][..d], &q)))
         .expect("leaves");
-    let s = session(llm(), tree, Some(&e), &mut |_| {}).expect("session");
+    let mut s = session(llm(), tree, Some(&e), &mut |_| {}).expect("session");
     assert!(s.has_dense());
     let settings = SearchSettings {
         scorer: Scorer::Dense,
@@ -122,7 +122,7 @@ fn dense_vectors_are_stored_with_the_tree_and_rank_its_leaves() {
         policy: Policy::Ranked,
         ..SearchSettings::default()
     };
-    let r = s.retrieve(question, &settings, 64).expect("search");
+    let r = s.retrieve(question, &[], &settings, 64).expect("search");
     assert_eq!(r.scorer, Scorer::Dense);
     assert_eq!(r.candidates[0], leaves[best]);
     // The best candidate is read at full resolution.

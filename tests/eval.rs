@@ -254,3 +254,93 @@ fn eval_reports_absent_cases_beside_answerable_ones() {
         }
     }
 }
+
+/// A conversation case is asked three ways in one run: its turns in order (the last
+/// following the model's own earlier answers), its last question alone, and spelt out.
+#[test]
+fn eval_asks_a_conversation_with_and_without_its_turns() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let books = dir.path().join("books");
+    std::fs::create_dir(&books).expect("books dir");
+    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets/sherlock_holmes_adventures_1-3.txt");
+    let text = std::fs::read_to_string(sample).expect("sample");
+    let cut = (6000..text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
+    std::fs::write(books.join("scandal.txt"), &text[..cut]).expect("write book");
+    let conv = dir.path().join("conv.jsonl");
+    std::fs::write(
+        &conv,
+        r#"{"id": "c1", "book": "scandal", "turns": [{"question": "Who does Sherlock Holmes always call the woman?", "answer": "Irene Adler", "aliases": ["Adler"]}, {"question": "Did he feel love for her?"}], "answer": "not", "aliases": [], "standalone": "Did Holmes feel love for Irene Adler?", "evidence_quote": "It was not that he felt any emotion akin to love for Irene Adler."}"#,
+    )
+    .expect("write");
+    let cache = tempfile::tempdir().expect("tmp");
+    let out = Command::new(exe())
+        .env("SLM_CHAT_PATHS_CACHE_DIR", cache.path())
+        .env("SLM_CHAT_GENERATE_MAX_TOKENS", "24")
+        .arg("--model")
+        .arg(default_model())
+        .arg("eval")
+        .arg(&conv)
+        .arg("--books")
+        .arg(&books)
+        .arg("--json")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let cases = json["cases"].as_array().expect("cases");
+    let ids: Vec<&str> = cases.iter().filter_map(|c| c["id"].as_str()).collect();
+    assert_eq!(ids, ["c1", "c1/alone", "c1/standalone"], "{json}");
+    assert_eq!(cases[0]["kind"], "conversation");
+    assert_eq!(cases[0]["history_turns"], 1, "{}", cases[0]);
+    let earlier = &cases[0]["earlier"][0];
+    assert_eq!(
+        earlier["question"],
+        "Who does Sherlock Holmes always call the woman?"
+    );
+    assert!(earlier["correct"].is_boolean(), "{earlier}");
+    for (case, variant) in cases[1..].iter().zip(["alone", "standalone"]) {
+        assert_eq!(case["variant"], variant, "{case}");
+        assert!(case.get("history_turns").is_none(), "{case}");
+        assert!(case["evidence_read"].is_boolean(), "{case}");
+    }
+    let summary = json["summary"].as_array().expect("summary");
+    let groups: Vec<(&str, u64)> = summary
+        .iter()
+        .filter_map(|s| Some((s["kind"].as_str()?, s["cases"].as_u64()?)))
+        .collect();
+    assert_eq!(
+        groups,
+        [
+            ("all", 1),
+            ("conversation", 1),
+            ("turn asked alone", 1),
+            ("turn asked standalone", 1)
+        ]
+    );
+}
+
+/// The conversation dev set loads: each case's question is its last turn's, with the
+/// standalone form and an earlier turn that carries its expected answer.
+#[test]
+fn the_conversation_dev_set_loads() {
+    let cases = load_cases(&shared().join("eval/conv_dev.jsonl")).expect("conv_dev loads");
+    assert_eq!(cases.len(), 30);
+    for c in &cases {
+        assert!(c.turns.len() >= 2, "{}", c.id);
+        assert_eq!(c.question, c.turns[c.turns.len() - 1].question, "{}", c.id);
+        assert!(
+            c.standalone.is_some() && c.turns[0].answer.is_some(),
+            "{}",
+            c.id
+        );
+        assert!(
+            c.evidence_quote.is_some() && !c.answer.is_empty(),
+            "{}",
+            c.id
+        );
+    }
+}

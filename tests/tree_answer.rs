@@ -115,7 +115,7 @@ fn tree_logits_with(llm: &Llm, built: Built, chunk_check: impl Fn(&Tree)) -> Tre
         .collect();
     let mut session = TreeSession::new(llm, built.tree).expect("session");
     let mut p = session
-        .prepare(QUESTION, &everything(), 32)
+        .prepare(QUESTION, &[], &everything(), 32)
         .expect("prepare");
     assert!(
         p.selected.iter().all(|s| s.alpha == 1),
@@ -256,7 +256,9 @@ fn reread_reads_the_passages_as_one_text() {
         reread: Reread::Always,
         ..everything()
     };
-    let mut p = session.prepare(QUESTION, &settings, 32).expect("prepare");
+    let mut p = session
+        .prepare(QUESTION, &[], &settings, 32)
+        .expect("prepare");
     assert!(p.selected.iter().all(|s| s.alpha == 1));
     assert_eq!(p.entries, doc.len());
     assert_eq!(p.reread_tokens, doc.len(), "every entry read as text");
@@ -292,7 +294,9 @@ fn reread_reads_each_passage_after_what_precedes_it() {
         reread: Reread::Always,
         ..SearchSettings::default()
     };
-    let mut p = session.prepare(QUESTION, &settings, 32).expect("prepare");
+    let mut p = session
+        .prepare(QUESTION, &[], &settings, 32)
+        .expect("prepare");
     let first_fine = p
         .selected
         .iter()
@@ -404,7 +408,9 @@ fn reread_reads_each_passage_after_what_precedes_it() {
         "What did Mr. Woodhouse think of matrimony?",
         "Whose stable is mentioned?",
     ] {
-        let p = session.prepare(question, &marked, 32).expect("prepare");
+        let p = session
+            .prepare(question, &[], &marked, 32)
+            .expect("prepare");
         let nodes: usize = p
             .selected
             .iter()
@@ -448,7 +454,7 @@ fn check_e_asking_again_reuses_the_tree() {
         };
         let opened = own.model.kv_tokens();
         let first = s
-            .ask(QUESTION, &settings, &params, &cancel, &mut |_| {})
+            .ask(QUESTION, &[], &settings, &params, &cancel, &mut |_| {})
             .expect("first");
         // `auto` reads the passages again only where the tree keeps no leaves.
         let read_again =
@@ -459,10 +465,11 @@ fn check_e_asking_again_reuses_the_tree() {
             "{full:?}, reread {reread:?}"
         );
         let after_one = own.model.kv_tokens() - opened;
-        s.ask(QUESTION, &settings, &params, &cancel, &mut |_| {})
+        s.ask(QUESTION, &[], &settings, &params, &cancel, &mut |_| {})
             .expect("second");
         s.ask(
             "What did Mr. Woodhouse think of marriage?",
+            &[],
             &settings,
             &params,
             &cancel,
@@ -501,7 +508,7 @@ fn whole_passages_inject_the_same_kv_as_their_leaves() {
             ..everything()
         };
         let a = s
-            .ask(QUESTION, &settings, &params, &cancel, &mut |_| {})
+            .ask(QUESTION, &[], &settings, &params, &cancel, &mut |_| {})
             .expect("answer");
         assert!(a
             .nodes
@@ -517,7 +524,7 @@ fn whole_passages_inject_the_same_kv_as_their_leaves() {
         ..SearchSettings::default()
     };
     let a = s
-        .ask(QUESTION, &settings, &params, &cancel, &mut |_| {})
+        .ask(QUESTION, &[], &settings, &params, &cancel, &mut |_| {})
         .expect("answer");
     let fine: Vec<_> = a.nodes.iter().filter(|n| n.alpha == 1).collect();
     // Whole halves first; what is left of the fine budget may go to a smaller node.
@@ -562,7 +569,7 @@ fn cut_marks_separate_passages_within_the_budget() {
             ..SearchSettings::default()
         };
         let a = s
-            .ask(question, &settings, &params, &cancel, &mut |_| {})
+            .ask(question, &[], &settings, &params, &cancel, &mut |_| {})
             .expect("answer");
         let nodes: usize = a
             .nodes
@@ -616,7 +623,9 @@ fn the_coarse_bias_is_on_coarse_entries_only() {
         "What did Mr. Woodhouse think of matrimony?",
         "Whose stable is mentioned?",
     ] {
-        let p = session.prepare(question, &settings, 32).expect("prepare");
+        let p = session
+            .prepare(question, &[], &settings, 32)
+            .expect("prepare");
         assert_eq!(p.reread_tokens, 0, "auto injects stored leaves here");
         let mut want = vec![0.0f32; p0];
         for (s, &cut) in p.selected.iter().zip(&p.cuts) {
@@ -739,4 +748,117 @@ fn a_second_reader_waits_for_the_build_and_opens_its_tree() {
     assert!(waited, "the second reader did not say it was waiting");
     assert!(!second.built, "the second reader built the tree again");
     assert_eq!(first.path, second.path);
+}
+
+/// Follow-up questions (check E for conversations, and the conversation's own KV): a
+/// conversation of three turns never runs the lower model; each turn runs only the turn
+/// before it through the upper model (the earlier ones are kept), and the cache it starts
+/// from gives the logits a fresh session computes for the same conversation.
+#[test]
+fn follow_ups_reuse_the_conversation_and_never_reencode_the_tree() {
+    use slm_chat::engine::{ConversationSettings, Exchange};
+    let params = greedy(12);
+    let cancel = AtomicBool::new(false);
+    let own = own_llm();
+    let built = build(6_000, 256, FullKv::Always);
+    let tree_dir = built.tree.dir().to_path_buf();
+    let mut s = TreeSession::new(&own, built.tree).expect("session");
+    let settings = SearchSettings::default();
+    let opened = own.model.kv_tokens();
+    let questions = [
+        QUESTION,
+        "What did she think of him?",
+        "And of Mr. Knightley?",
+    ];
+    let mut history: Vec<Exchange> = Vec::new();
+    let mut answers = Vec::new();
+    for q in questions {
+        let a = s
+            .ask(q, &history, &settings, &params, &cancel, &mut |_| {})
+            .expect("answer");
+        assert_eq!(a.history_turns, history.len(), "{q}");
+        history.push(Exchange::new(q, a.answer.clone()));
+        answers.push(a);
+    }
+    assert_eq!(own.model.kv_tokens(), opened, "the lower model never ran");
+    let tokens = |t: &str| own.tokenizer.encode(t, false).expect("tokens").len();
+    let turn = |e: &Exchange| tokens(&e.question) + tokens(&e.answer);
+    let run2 = answers[1]
+        .timings
+        .history_tokens_run
+        .expect("turn 2 ran its history");
+    let run3 = answers[2]
+        .timings
+        .history_tokens_run
+        .expect("turn 3 ran its history");
+    assert!(run2 >= turn(&history[0]), "{run2}");
+    // Turn 3 runs turn 2 and the markup around it, not turn 1 again.
+    assert!(run3 >= turn(&history[1]), "{run3}");
+    assert!(
+        run3 < turn(&history[1]) + 40,
+        "{run3} for {}",
+        turn(&history[1])
+    );
+    // The prompt holds the earlier turns.
+    let alone = s
+        .ask(questions[2], &[], &settings, &params, &cancel, &mut |_| {})
+        .expect("alone");
+    assert!(
+        answers[2].prompt_tokens >= alone.prompt_tokens + turn(&history[0]) + turn(&history[1])
+    );
+
+    // The kept cache against one built in one go by a fresh session.
+    let follow = &history[..2];
+    let mut kept = s
+        .prepare(questions[2], follow, &settings, 12)
+        .expect("kept");
+    assert_eq!(kept.prefix_run, 0, "the whole conversation was kept");
+    let reopened = Tree::open(&tree_dir).expect("reopen");
+    let mut fresh_session = TreeSession::new(&own, reopened).expect("session");
+    let mut fresh = fresh_session
+        .prepare(questions[2], follow, &settings, 12)
+        .expect("fresh");
+    assert!(fresh.prefix_run > kept.prefix_run);
+    assert_eq!(fresh.prefix_len, kept.prefix_len);
+    let a = own
+        .model
+        .prefill(&kept.suffix, &mut kept.cache)
+        .expect("kept logits");
+    let b = own
+        .model
+        .prefill(&fresh.suffix, &mut fresh.cache)
+        .expect("fresh logits");
+    // The same arithmetic in other batch shapes: only rounding differs.
+    assert!(max_diff(&a, &b) < 1e-2, "{}", max_diff(&a, &b));
+    assert_eq!(argmax(&a), argmax(&b));
+
+    // Primed while the answer is read, the next question runs nothing of the history.
+    let reopened = Tree::open(&tree_dir).expect("reopen");
+    let mut primed = TreeSession::new(&own, reopened).expect("session");
+    primed.prime(follow).expect("prime");
+    let p = primed
+        .prepare(questions[2], follow, &settings, 12)
+        .expect("primed");
+    assert_eq!(p.prefix_run, 0);
+
+    // history_tokens = 0: every question on its own.
+    let reopened = Tree::open(&tree_dir).expect("reopen");
+    let mut single = TreeSession::new(&own, reopened)
+        .expect("session")
+        .with_conversation(ConversationSettings {
+            history_tokens: 0,
+            ..ConversationSettings::default()
+        });
+    let a = single
+        .ask(
+            questions[2],
+            follow,
+            &settings,
+            &params,
+            &cancel,
+            &mut |_| {},
+        )
+        .expect("answer");
+    assert_eq!((a.history_turns, a.prompt_tokens), (0, alone.prompt_tokens));
+    assert_eq!(a.answer, alone.answer);
 }

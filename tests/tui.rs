@@ -294,7 +294,10 @@ fn tui_esc_stops_the_answer_and_enter_waits_for_it() {
     let t = s.t0 + Duration::from_millis(2);
     assert_eq!(
         s.app.update(key(KeyCode::Enter), t),
-        vec![Effect::Ask("q1".into())]
+        vec![Effect::Ask {
+            question: "q1".into(),
+            history: Vec::new()
+        }]
     );
     s.typed(3, "q2");
     assert!(
@@ -310,6 +313,74 @@ fn tui_esc_stops_the_answer_and_enter_waits_for_it() {
     assert_eq!(s.app.update(done, t), vec![Effect::SaveHistory]);
     assert!(!s.app.quit, "Esc stops the answer, not the app");
     assert_eq!(s.app.turns[0].stop, "stopped");
+}
+
+#[test]
+fn tui_follow_ups_carry_the_conversation_until_n_starts_a_new_one() {
+    use slm_chat::engine::Exchange;
+    use slm_chat::tui::app::Effect;
+    let mut s = Script::new();
+    s.at(0, Msg::Engine(Event::Ready(tree_view())));
+    let t = s.t0 + Duration::from_millis(2);
+    let done = |answer: &str| {
+        Msg::Engine(Event::Done(Done {
+            answer: answer.into(),
+            stop: "end of turn".into(),
+            supported: None,
+        }))
+    };
+    let ask = |s: &mut Script, q: &str| {
+        s.typed(1, q);
+        s.app.update(key(KeyCode::Enter), t)
+    };
+    let first = ask(&mut s, "Who wrote the letter?");
+    assert_eq!(
+        first,
+        vec![Effect::Ask {
+            question: "Who wrote the letter?".into(),
+            history: Vec::new()
+        }]
+    );
+    s.app.update(done("Jabez Wilson."), t);
+    let second = ask(&mut s, "What did he want?");
+    assert_eq!(
+        second,
+        vec![Effect::Ask {
+            question: "What did he want?".into(),
+            history: vec![Exchange::new("Who wrote the letter?", "Jabez Wilson.")]
+        }]
+    );
+    s.app.update(done("A job."), t);
+    // `n` from a pane (in the question box it is a letter), Ctrl-N anywhere.
+    s.app.update(key(KeyCode::Tab), t);
+    s.app.update(key(KeyCode::Char('n')), t);
+    assert!(s
+        .app
+        .notice
+        .as_deref()
+        .is_some_and(|n| n.contains("new conversation")));
+    s.app.update(key(KeyCode::BackTab), t);
+    let third = ask(&mut s, "Who is Holmes?");
+    assert_eq!(
+        third,
+        vec![Effect::Ask {
+            question: "Who is Holmes?".into(),
+            history: Vec::new()
+        }]
+    );
+    s.app.update(done("A detective."), t);
+    let groups: Vec<u32> = s.app.turns.iter().map(|t| t.conversation).collect();
+    assert_eq!(groups, vec![0, 0, 1]);
+    let screen = s.screen(100, 40).backend().to_string();
+    assert!(screen.contains("── new conversation ──"), "{screen}");
+    let ctrl_n = KeyEvent::new(KeyCode::Char('n'), KeyModifiers::CONTROL);
+    s.app.update(Msg::Key(ctrl_n), t);
+    assert_eq!(s.app.conversation, 2);
+    s.app.update(Msg::Key(ctrl_n), t);
+    assert_eq!(
+        s.app.conversation, 2,
+        "an empty conversation is not left behind"
+    );
 }
 
 /// A tmux session running the real binary; killed when dropped.

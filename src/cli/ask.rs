@@ -9,7 +9,9 @@ use anyhow::Result;
 use super::output::{self, say, Stream};
 use super::{engine_settings, SearchFlags};
 use slm_chat::config::Config;
-use slm_chat::engine::{self, Answer, AskSettings, EngineError, Method, NodeHit, Settings};
+use slm_chat::engine::{
+    self, Answer, AskSettings, EngineError, Exchange, Method, NodeHit, Settings,
+};
 use slm_chat::sys;
 
 #[derive(clap::Args, Debug)]
@@ -23,6 +25,11 @@ pub struct AskArgs {
     /// Print one JSON object (answer, nodes, figures) instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// A conversation: the question follows the earlier turns in FILE (one JSON object per
+    /// line, {"question": …, "answer": …}), and its own turn is added to FILE once
+    /// answered. A FILE that does not exist starts a new conversation.
+    #[arg(long, value_name = "FILE")]
+    history: Option<PathBuf>,
     #[command(flatten)]
     pub(super) search: SearchFlags,
     /// Most tokens in the answer.
@@ -39,16 +46,75 @@ pub fn run(config: &Config, args: &AskArgs) -> Result<ExitCode> {
         args.method,
         &format!("--method {}", method_name(args.method)),
     );
-    if args.method == Method::Tree {
-        return tree(&settings, &args.file, &args.question, args.json);
+    let history = match &args.history {
+        Some(path) => read_history(path)?,
+        None => Vec::new(),
+    };
+    let answer = if args.method == Method::Tree {
+        tree(&settings, &args.file, &args.question, &history, args.json)?
+    } else {
+        baseline(&settings, args, &history)?
+    };
+    if let Some(path) = &args.history {
+        if answer.stop != slm_chat::model::StopReason::Cancelled {
+            add_turn(path, &args.question, &answer.answer)?;
+        }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The turns of a `--history` file; none when it does not exist yet.
+fn read_history(path: &Path) -> Result<Vec<Exchange>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => anyhow::bail!("cannot read the history {}: {e}", path.display()),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, line)| {
+            serde_json::from_str::<Exchange>(line).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}:{}: not a turn of a conversation ({e}); each line is {{\"question\": …, \"answer\": …}}",
+                    path.display(),
+                    i + 1
+                )
+            })
+        })
+        .collect()
+}
+
+/// Add the turn just answered to the `--history` file (written whole to a temporary file
+/// and renamed, so an interrupted write leaves the earlier turns as they were).
+fn add_turn(path: &Path, question: &str, answer: &str) -> Result<()> {
+    let mut text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => anyhow::bail!("cannot read the history {}: {e}", path.display()),
+    };
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(&serde_json::to_string(&Exchange::new(
+        question.trim(),
+        answer,
+    ))?);
+    text.push('\n');
+    slm_chat::store::write_atomic(path, text.as_bytes())
+        .map_err(|e| anyhow::anyhow!("cannot write the history {}: {e}", path.display()))
+}
+
+/// `ask` by one of the baseline methods (no tree).
+fn baseline(settings: &Settings, args: &AskArgs, history: &[Exchange]) -> Result<Answer> {
     let doc = output::load_document(&args.file, &settings.ingest.load, false)?;
     let llm = output::load_model(&settings.model)?;
     let cancel = AtomicBool::new(false);
     let mut stream = Stream::new();
     let embedder = engine::dense::load_embedder(settings.search.scorer, &settings.model, &mut say);
     let ask = AskSettings::new(args.method, &settings.rag, &settings.search, embedder)
-        .concise(settings.answer.concise);
+        .concise(settings.answer.concise)
+        .following(history, &settings.conversation);
     let answer = engine::ask(
         &llm,
         &doc,
@@ -64,9 +130,10 @@ pub fn run(config: &Config, args: &AskArgs) -> Result<ExitCode> {
     )?;
     if args.json {
         stream.finish(&(serde_json::to_string_pretty(&answer)? + "\n"))?;
-        return Ok(ExitCode::SUCCESS);
+        return Ok(answer);
     }
     stream.finish("\n")?;
+    report_history(&answer);
     for src in &answer.sources {
         say(&format!(
             "source: chunk {} · pages {}–{} · score {:.1} · {}",
@@ -83,7 +150,18 @@ pub fn run(config: &Config, args: &AskArgs) -> Result<ExitCode> {
         answer.timings.decode_tok_s,
         answer.memory.peak_rss_bytes.map(sys::human_bytes).unwrap_or_else(|| "?".into()),
     ));
-    Ok(ExitCode::SUCCESS)
+    Ok(answer)
+}
+
+/// How much of the conversation the answer followed, on stderr.
+fn report_history(answer: &Answer) {
+    if answer.history_turns > 0 {
+        say(&format!(
+            "following {} earlier turn{} of the conversation",
+            answer.history_turns,
+            if answer.history_turns == 1 { "" } else { "s" }
+        ));
+    }
 }
 
 fn method_name(m: Method) -> String {
@@ -92,7 +170,13 @@ fn method_name(m: Method) -> String {
 
 /// `--method tree`: open (or build) the tree, then answer from it; a tree found damaged
 /// while answering is built again, once.
-fn tree(settings: &Settings, file: &Path, question: &str, json: bool) -> Result<ExitCode> {
+fn tree(
+    settings: &Settings,
+    file: &Path,
+    question: &str,
+    history: &[Exchange],
+    json: bool,
+) -> Result<Answer> {
     if question.trim().is_empty() {
         return Err(EngineError::EmptyQuestion.into());
     }
@@ -107,7 +191,9 @@ fn tree(settings: &Settings, file: &Path, question: &str, json: bool) -> Result<
         output::show_progress(&bar, p)
     });
     bar.finish_and_clear();
-    let mut session = session?.with_answer_settings(settings.answer.clone());
+    let mut session = session?
+        .with_answer_settings(settings.answer.clone())
+        .with_conversation(settings.conversation.clone());
     let (search, params) = (&settings.search, &settings.sampling);
     let cancel = AtomicBool::new(false);
     let mut stream = Stream::new();
@@ -116,7 +202,7 @@ fn tree(settings: &Settings, file: &Path, question: &str, json: bool) -> Result<
             stream.piece(p)
         }
     };
-    let mut answer = session.ask(question, search, params, &cancel, &mut piece);
+    let mut answer = session.ask(question, history, search, params, &cancel, &mut piece);
     if let Err(EngineError::Store(s)) = &answer {
         if s.needs_rebuild() {
             // Damage found in a tensor the question read: build the tree again, once.
@@ -128,19 +214,21 @@ fn tree(settings: &Settings, file: &Path, question: &str, json: bool) -> Result<
             bar.finish_and_clear();
             let (tree, _) = result.map_err(|e| output::engine_error(file, e))?;
             session = engine::dense::session(&llm, tree, embedder.as_ref(), &mut |_| {})?
-                .with_answer_settings(settings.answer.clone());
-            answer = session.ask(question, search, params, &cancel, &mut piece);
+                .with_answer_settings(settings.answer.clone())
+                .with_conversation(settings.conversation.clone());
+            answer = session.ask(question, history, search, params, &cancel, &mut piece);
         }
     }
     let mut answer = answer?;
     answer.timings.open_ms = Some(open_ms);
     if json {
         stream.finish(&(serde_json::to_string_pretty(&answer)? + "\n"))?;
-        return Ok(ExitCode::SUCCESS);
+        return Ok(answer);
     }
     stream.finish("\n")?;
+    report_history(&answer);
     report_tree_answer(&answer);
-    Ok(ExitCode::SUCCESS)
+    Ok(answer)
 }
 
 /// The passages read in full and the answer's figures, on stderr.

@@ -22,12 +22,14 @@ use crate::model::{
 use crate::tree::search::{Fusion, Scorer, SearchSettings};
 use crate::tree::{chunk, Bm25};
 
+pub mod conversation;
 pub mod dense;
 pub mod ingest;
 pub mod session;
 mod tree_answer;
 pub mod trust;
 
+pub use conversation::{ConversationSettings, Exchange};
 pub use tree_answer::{DenseIndex, NodeHit, Prepared, Retrieval, TreeSession, CANDIDATES};
 
 /// What the model is told about its job. Short: a 135M model follows short instructions best.
@@ -73,6 +75,7 @@ pub struct Settings {
     pub rag: RagSettings,
     pub sampling: SamplingParams,
     pub answer: AnswerSettings,
+    pub conversation: ConversationSettings,
 }
 
 /// `[rag]`: the BM25 passages method.
@@ -133,6 +136,9 @@ pub struct AskSettings {
     pub embedder: Option<Arc<Embedder>>,
     /// Ask for a one-sentence answer ([`AnswerSettings::concise`]).
     pub concise: bool,
+    /// The earlier turns the question follows, oldest first, and how much of them to carry.
+    pub history: Vec<Exchange>,
+    pub conversation: ConversationSettings,
 }
 
 impl AskSettings {
@@ -151,12 +157,21 @@ impl AskSettings {
             fusion: search.fusion,
             embedder,
             concise: false,
+            history: Vec::new(),
+            conversation: ConversationSettings::default(),
         }
     }
 
     /// The same, asking for one-sentence answers when `concise`.
     pub fn concise(mut self, concise: bool) -> Self {
         self.concise = concise;
+        self
+    }
+
+    /// The same, following the earlier turns `history` as `conversation` says.
+    pub fn following(mut self, history: &[Exchange], conversation: &ConversationSettings) -> Self {
+        self.history = history.to_vec();
+        self.conversation = conversation.clone();
         self
     }
 }
@@ -242,8 +257,15 @@ pub struct Answer {
     #[serde(skip)]
     pub candidates: Vec<(usize, usize)>,
     pub prompt_tokens: usize,
+    /// Earlier turns of the conversation the prompt carried (the latest that fit).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub history_turns: usize,
     pub timings: Timings,
     pub memory: Memory,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// How long the answer took.
@@ -262,6 +284,10 @@ pub struct Timings {
     /// For `tree`: document tokens (and cut marks) read again as text during `inject_ms`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reread_tokens: Option<usize>,
+    /// For `tree` following earlier turns: the tokens of the conversation run through the
+    /// model for this question (the rest of it was kept from the turn before).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history_tokens_run: Option<usize>,
     pub first_token_ms: f64,
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
@@ -298,35 +324,63 @@ struct PromptParts {
     suffix: Vec<u32>,
 }
 
-fn prompt_parts(llm: &Llm, question: &str, concise: bool) -> Result<PromptParts, EngineError> {
+fn prompt_parts(
+    llm: &Llm,
+    history: &[Exchange],
+    question: &str,
+    concise: bool,
+) -> Result<PromptParts, EngineError> {
     // What is asked of the answer follows the question, so the prefix (and with it every
     // stored tree's sink) is the same whatever is asked.
     let user = format!(
         "Read the following document and answer the question at the end.\n\n{DOC_SLOT}\n\nQuestion: {QUESTION_SLOT}{}",
         if concise { CONCISE } else { "" }
     );
-    let text = llm
-        .chat
-        .render(&[Message::system(SYSTEM_PROMPT), Message::user(user)], true)?;
+    // Earlier turns come before the document, as the chat they were: their tokens do not
+    // change from one question to the next, so their KV can be kept (the document's does).
+    let texts: Vec<&str> = history
+        .iter()
+        .flat_map(|e| [e.question.trim(), e.answer.trim()])
+        .collect();
+    let slots: Vec<String> = (0..texts.len()).map(turn_slot).collect();
+    let mut messages = vec![Message::system(SYSTEM_PROMPT)];
+    for pair in slots.chunks(2) {
+        messages.push(Message::user(pair[0].clone()));
+        messages.push(Message::assistant(pair[1].clone()));
+    }
+    messages.push(Message::user(user));
+    let text = llm.chat.render(&messages, true)?;
     let dropped = || ModelError::Template("the template dropped the user's message".into());
-    let (before, rest) = text.split_once(DOC_SLOT).ok_or_else(dropped)?;
-    let (middle, after) = rest.split_once(QUESTION_SLOT).ok_or_else(dropped)?;
     let tk = &llm.tokenizer;
+    let mut prefix = Vec::new();
+    let mut rest = text.as_str();
+    for (slot, content) in slots.iter().zip(&texts) {
+        let (before, after) = rest.split_once(slot.as_str()).ok_or_else(dropped)?;
+        prefix.extend(tk.encode(before, true)?);
+        prefix.extend(tk.encode(content, false)?);
+        rest = after;
+    }
+    let (before, rest) = rest.split_once(DOC_SLOT).ok_or_else(dropped)?;
+    prefix.extend(tk.encode(before, true)?);
+    let (middle, after) = rest.split_once(QUESTION_SLOT).ok_or_else(dropped)?;
     let suffix = [
         tk.encode(middle, true)?,
         tk.encode(question, false)?,
         tk.encode(after, true)?,
     ]
     .concat();
-    Ok(PromptParts {
-        prefix: tk.encode(before, true)?,
-        suffix,
-    })
+    Ok(PromptParts { prefix, suffix })
+}
+
+/// Stands in for the `i`th text of earlier turns while the template is rendered (tokenized
+/// as plain text, like the question).
+fn turn_slot(i: usize) -> String {
+    format!("\u{0}SLM_CHAT_TURN_{i}\u{0}")
 }
 
 /// The tokens before the document in every prompt: the sink prefix chunks are encoded after.
 pub fn sink_prefix(llm: &Llm) -> Result<Vec<u32>, EngineError> {
-    Ok(prompt_parts(llm, "", false)?.prefix)
+    Ok(prompt_parts(llm, &[], "", false)?.prefix)
 }
 
 /// Answer `question` about `doc`, calling `on_text` with each new piece of the answer.
@@ -344,7 +398,12 @@ pub fn ask(
         return Err(EngineError::EmptyQuestion);
     }
     let method = settings.method;
-    let parts = prompt_parts(llm, question.trim(), settings.concise)?;
+    let history = conversation::recent(
+        &settings.history,
+        &llm.tokenizer,
+        settings.conversation.history_tokens,
+    )?;
+    let parts = prompt_parts(llm, history, question.trim(), settings.concise)?;
     let enc = llm.tokenizer.encode_with_offsets(&doc.text)?;
     let doc_tokens = &enc.ids;
     let window = llm.model.config().context_length;
@@ -352,7 +411,8 @@ pub fn ask(
     let mut sources = Vec::new();
     let (kept, seen) = match method {
         Method::Rag => {
-            let (kept, chosen) = rag_passages(llm, doc, &enc, question, settings, room)?;
+            let context = conversation::search_context(history);
+            let (kept, chosen) = rag_passages(llm, doc, &enc, question, &context, settings, room)?;
             let seen = chosen.iter().map(|s| s.tokens).sum();
             sources = chosen;
             (kept, seen)
@@ -400,6 +460,7 @@ pub fn ask(
         nodes: Vec::new(),
         candidates: Vec::new(),
         prompt_tokens: prompt.len(),
+        history_turns: history.len(),
         timings: timings(&gen.stats, start),
         memory: Memory {
             kv_bytes: cache.bytes(),
@@ -432,20 +493,28 @@ fn rag_passages(
     doc: &Document,
     enc: &Encoded,
     question: &str,
+    context: &str,
     settings: &AskSettings,
     room: usize,
 ) -> Result<(Vec<u32>, Vec<Source>), EngineError> {
     let chunks = chunk(doc, enc, settings.chunk_tokens);
     let texts: Vec<&str> = chunks.iter().map(|c| &doc.text[c.text.clone()]).collect();
     let index = Bm25::new(texts.iter().copied());
-    let bm25 = index.scores(question);
+    let bm25 = index.scores_with(question, context, settings.conversation.search_weight);
     let embedder = settings
         .embedder
         .as_ref()
         .filter(|_| settings.scorer.is_dense());
     let scores = match embedder {
         Some(e) => {
-            let q = e.embed(&[question])?;
+            let w = settings.conversation.search_weight as f32;
+            let q = if w > 0.0 && !context.is_empty() {
+                let both = e.embed(&[question, context])?;
+                let (q, c) = both.split_at(e.dim());
+                conversation::mix(q, c, w)
+            } else {
+                e.embed(&[question])?
+            };
             let dense: Vec<f64> = e
                 .embed_memo(&texts)?
                 .chunks_exact(e.dim())
@@ -522,6 +591,7 @@ fn timings(s: &GenerationStats, start: Instant) -> Timings {
         open_ms: None,
         inject_ms: None,
         reread_tokens: None,
+        history_tokens_run: None,
         first_token_ms: s.first_token_secs * 1e3,
         prefill_tok_s: s.prefill_tok_s(),
         decode_tok_s: s.decode_tok_s(),

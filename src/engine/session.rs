@@ -16,8 +16,12 @@ use serde::{Deserialize, Serialize};
 /// What the front end asks the worker to do.
 #[derive(Debug, Clone)]
 pub enum Request {
-    /// Answer this question about the document.
-    Ask(String),
+    /// Answer `question` about the document, following `history` (the earlier turns of its
+    /// conversation, oldest first; empty for a question on its own).
+    Ask {
+        question: String,
+        history: Vec<super::Exchange>,
+    },
     /// Finish what is running and stop the worker.
     Quit,
 }

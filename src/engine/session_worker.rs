@@ -61,7 +61,9 @@ pub(super) fn run(
         out.send(Event::Progress(p.clone()));
     };
     let mut session = match crate::engine::dense::session(&llm, tree, embedder.as_ref(), &mut say) {
-        Ok(s) => s.with_answer_settings(opts.settings.answer.clone()),
+        Ok(s) => s
+            .with_answer_settings(opts.settings.answer.clone())
+            .with_conversation(opts.settings.conversation.clone()),
         Err(e) => {
             out.send(Event::Error(e.to_string()));
             return;
@@ -85,11 +87,28 @@ pub(super) fn run(
     while let Ok(req) = requests.recv() {
         match req {
             Request::Quit => return,
-            Request::Ask(question) => {
+            Request::Ask { question, history } => {
                 cancel.store(false, Ordering::SeqCst);
-                match answer(&opts, &mut session, &question, &cancel, &out, &base) {
-                    Ok(true) => {}
-                    Ok(false) => return,
+                match answer(
+                    &opts,
+                    &mut session,
+                    &question,
+                    &history,
+                    &cancel,
+                    &out,
+                    &base,
+                ) {
+                    Ok(Outcome::Answered(answered)) => {
+                        // The conversation so far goes through the model now, while the
+                        // answer is read: the follow-up starts from its KV.
+                        let mut turns = history;
+                        turns.push(crate::engine::Exchange::new(question, answered));
+                        if let Err(e) = session.prime(&turns) {
+                            tracing::warn!(error = %e, "could not keep the conversation's KV");
+                        }
+                    }
+                    Ok(Outcome::Failed) => {}
+                    Ok(Outcome::Gone) => return,
                     Err(damage) => {
                         // A tensor the question read failed its checksum: build the tree
                         // again (showing progress), then go on with the new one.
@@ -138,7 +157,9 @@ fn rebuild<'l>(
     let view = tree_view(opts, &tree);
     let session = crate::engine::dense::session(llm, tree, embedder, &mut say)?;
     Ok((
-        session.with_answer_settings(opts.settings.answer.clone()),
+        session
+            .with_answer_settings(opts.settings.answer.clone())
+            .with_conversation(opts.settings.conversation.clone()),
         view,
     ))
 }
@@ -214,16 +235,27 @@ fn with_rss(mut s: Stats) -> Stats {
     s
 }
 
-/// Answer one question; false when the UI has gone, the damage when the stored tree failed
-/// a checksum.
+/// How answering one question went.
+enum Outcome {
+    /// The answer (as the UI showed it).
+    Answered(String),
+    /// The UI was told why not.
+    Failed,
+    /// The UI has gone.
+    Gone,
+}
+
+/// Answer one question following `history`; the damage when the stored tree failed a
+/// checksum.
 fn answer(
     opts: &SessionOptions,
     session: &mut TreeSession,
     question: &str,
+    history: &[crate::engine::Exchange],
     cancel: &AtomicBool,
     out: &Reporter,
     base: &Stats,
-) -> Result<bool, StoreError> {
+) -> Result<Outcome, StoreError> {
     let params = &opts.settings.sampling;
     let plan = &session.tree().manifest().plan;
     let kv_per_entry = (plan.config.layers * 2 * plan.kv_dim * 4) as u64;
@@ -248,6 +280,7 @@ fn answer(
     };
     let result = session.ask_reporting(
         question,
+        history,
         &opts.settings.search,
         params,
         cancel,
@@ -267,14 +300,19 @@ fn answer(
                 mapped_bytes: a.memory.mapped_bytes.unwrap_or(0),
                 ..base.clone()
             })));
-            Ok(alive.get()
-                && out.send(Event::Done(Done {
-                    supported: a.support.as_ref().and_then(|s| s.supported()),
-                    answer: a.answer,
-                    stop: a.stop.to_string(),
-                })))
+            let done = Done {
+                supported: a.support.as_ref().and_then(|s| s.supported()),
+                answer: a.answer.clone(),
+                stop: a.stop.to_string(),
+            };
+            Ok(if alive.get() && out.send(Event::Done(done)) {
+                Outcome::Answered(a.answer)
+            } else {
+                Outcome::Gone
+            })
         }
         Err(EngineError::Store(s)) if s.needs_rebuild() => Err(s),
-        Err(e) => Ok(out.send(Event::Error(e.to_string()))),
+        Err(e) if out.send(Event::Error(e.to_string())) => Ok(Outcome::Failed),
+        Err(_) => Ok(Outcome::Gone),
     }
 }

@@ -12,6 +12,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
 
+use super::conversation::{self, ConversationSettings, Exchange};
 use super::trust::{self, Evidence, Support};
 use super::{
     prompt_parts, timings, Answer, AnswerSettings, EngineError, Memory, Method, PromptParts,
@@ -56,6 +57,13 @@ pub struct NodeHit {
 /// A question's upper-model cache, ready for its suffix.
 pub struct Prepared {
     pub cache: KvCache,
+    /// Tokens before the document: the sink, or the conversation so far and the sink's end.
+    pub prefix_len: usize,
+    /// Earlier turns in the prompt.
+    pub history_turns: usize,
+    /// Of `prefix_len`, the tokens run through the model for this question (the rest was
+    /// kept from the conversation's earlier turns, or is the sink).
+    pub prefix_run: usize,
     /// The prompt after the document: the question and the start of the answer turn.
     pub suffix: Vec<u32>,
     pub selected: Vec<Selected>,
@@ -89,6 +97,14 @@ pub struct TreeSession<'a> {
     dense: Option<DenseIndex>,
     /// When to answer that the document does not say, and how to ask.
     answer: AnswerSettings,
+    /// How much of a conversation follow-up questions carry.
+    conversation: ConversationSettings,
+    /// The last conversation's prompt before the document, and its KV: the next turn's
+    /// prompt begins with it, so only the newest turn is run through the model.
+    kept: Option<(Vec<u32>, KvCache)>,
+    /// The last question, and the nodes it read at full resolution `(chunk, level,
+    /// index)`: a follow-up to it keeps them among its candidates.
+    last_read: Option<(String, Vec<(usize, usize, usize)>)>,
 }
 
 /// What dense search needs: the embedder (for the question) and every node's vector.
@@ -135,7 +151,16 @@ impl<'a> TreeSession<'a> {
             mark_kv: None,
             dense: None,
             answer: AnswerSettings::default(),
+            conversation: ConversationSettings::default(),
+            kept: None,
+            last_read: None,
         })
+    }
+
+    /// Carry conversations by `conversation`.
+    pub fn with_conversation(mut self, conversation: ConversationSettings) -> Self {
+        self.conversation = conversation;
+        self
     }
 
     /// Abstain (or not) and prompt by `answer`.
@@ -162,8 +187,13 @@ impl<'a> TreeSession<'a> {
 
     /// The entry budget a question gets under `settings`.
     pub fn budget(&self, settings: &SearchSettings, suffix: usize, answer: usize) -> Budget {
+        self.budget_for(settings, self.prefix_len + suffix, answer)
+    }
+
+    /// The entry budget left by a prompt of `prompt` tokens and an answer of `answer`.
+    fn budget_for(&self, settings: &SearchSettings, prompt: usize, answer: usize) -> Budget {
         let window = self.llm.model.config().context_length;
-        let room = window.saturating_sub(self.prefix_len + suffix + answer);
+        let room = window.saturating_sub(prompt + answer);
         Budget {
             total: if settings.budget == 0 {
                 room
@@ -181,12 +211,14 @@ impl<'a> TreeSession<'a> {
         }
     }
 
-    /// Search the tree for `question` and build the upper model's cache: the prompt prefix,
-    /// then the chosen nodes' KV. The returned suffix (question and answer start) is what
-    /// runs next.
+    /// Search the tree for `question` (a follow-up to `history`, the earlier turns of its
+    /// conversation, oldest first) and build the upper model's cache: the prompt prefix
+    /// (the conversation so far), then the chosen nodes' KV. The returned suffix (question
+    /// and answer start) is what runs next.
     pub fn prepare(
         &mut self,
         question: &str,
+        history: &[Exchange],
         settings: &SearchSettings,
         answer_tokens: usize,
     ) -> Result<Prepared, EngineError> {
@@ -195,17 +227,35 @@ impl<'a> TreeSession<'a> {
         if question.is_empty() {
             return Err(EngineError::EmptyQuestion);
         }
-        let parts = prompt_parts(self.llm, question, self.answer.concise)?;
+        let parts = prompt_parts(self.llm, &[], question, self.answer.concise)?;
         if parts.prefix.as_slice() != self.tree.manifest().plan.config.sink.as_slice() {
             return Err(EngineError::Model(crate::model::ModelError::Input(
                 "the tree was encoded after a different prompt; build it again".into(),
             )));
         }
-        let budget = self.budget(settings, parts.suffix.len(), answer_tokens);
-        let retrieval = self.search(question, &parts, settings, budget)?;
+        let history = self.recent(history)?;
+        let parts = if history.is_empty() {
+            parts
+        } else {
+            prompt_parts(self.llm, history, question, self.answer.concise)?
+        };
+        let prompt = parts.prefix.len() + parts.suffix.len();
+        let budget = self.budget_for(settings, prompt, answer_tokens);
+        let context = conversation::search_context(history);
+        let follow = FollowUp {
+            context: &context,
+            passages: self.carried(history),
+        };
+        let retrieval = self.search(question, &follow, &parts, settings, budget)?;
         let selected = retrieval.selected.clone();
+        self.remember(question, &selected);
         let search_ms = start.elapsed().as_secs_f64() * 1e3;
-        let mut cache = self.prefix.fork()?;
+        let prefix_len = parts.prefix.len();
+        let (mut cache, prefix_run) = if history.is_empty() {
+            (self.prefix.fork()?, 0)
+        } else {
+            self.conversation_cache(&parts.prefix)?
+        };
         let cuts = if cut_marks(settings) {
             self.cuts(&selected)
         } else {
@@ -213,10 +263,14 @@ impl<'a> TreeSession<'a> {
         };
         let planned = selected.iter().map(|s| s.entries).sum::<usize>()
             + cuts.iter().filter(|&&c| c).count() * self.mark.len();
-        cache.reserve(self.prefix_len + planned + parts.suffix.len() + answer_tokens)?;
-        let (entries, reread_tokens) = self.inject(&selected, &cuts, settings, &mut cache)?;
+        cache.reserve(prefix_len + planned + parts.suffix.len() + answer_tokens)?;
+        let (entries, reread_tokens) =
+            self.inject(&selected, &cuts, settings, prefix_len, &mut cache)?;
         Ok(Prepared {
             cache,
+            prefix_len,
+            history_turns: history.len(),
+            prefix_run,
             suffix: parts.suffix,
             candidates: retrieval.candidates,
             selected,
@@ -228,23 +282,90 @@ impl<'a> TreeSession<'a> {
         })
     }
 
-    /// Answer `question`, streaming the text to `on_text`.
+    /// The nodes the last question read in full, when `history` follows it.
+    fn carried(&self, history: &[Exchange]) -> &[(usize, usize, usize)] {
+        match (&self.last_read, history.last()) {
+            (Some((asked, nodes)), Some(e)) if asked == e.question.trim() => nodes,
+            _ => &[],
+        }
+    }
+
+    /// Note what `question` read in full, for a follow-up to keep.
+    fn remember(&mut self, question: &str, selected: &[Selected]) {
+        let read = selected
+            .iter()
+            .filter(|s| s.alpha == 1)
+            .map(|s| (s.chunk, s.level, s.index))
+            .collect();
+        self.last_read = Some((question.to_string(), read));
+    }
+
+    /// The latest turns of `history` that fit `[conversation] history_tokens`.
+    fn recent<'h>(&self, history: &'h [Exchange]) -> Result<&'h [Exchange], EngineError> {
+        Ok(conversation::recent(
+            history,
+            &self.llm.tokenizer,
+            self.conversation.history_tokens,
+        )?)
+    }
+
+    /// The cache holding `prefix` (a conversation's prompt before the document): the part
+    /// it shares with the last conversation's (or the sink) is copied, the rest run now;
+    /// with the count of tokens run.
+    fn conversation_cache(&mut self, prefix: &[u32]) -> Result<(KvCache, usize), EngineError> {
+        let common = |a: &[u32]| a.iter().zip(prefix).take_while(|(x, y)| x == y).count();
+        let from_sink = common(&self.tree.manifest().plan.config.sink);
+        let mut cache = match &self.kept {
+            Some((tokens, kv)) if common(tokens) > from_sink => kv.fork_first(common(tokens))?,
+            _ => self.prefix.fork_first(from_sink)?,
+        };
+        let have = cache.len();
+        if have < prefix.len() {
+            self.llm.model.prefill(&prefix[have..], &mut cache)?;
+        }
+        self.kept = Some((prefix.to_vec(), cache.fork()?));
+        Ok((cache, prefix.len() - have.min(prefix.len())))
+    }
+
+    /// Run the conversation `history` through the model now (while the user reads the
+    /// answer and types), so its next question starts from its KV.
+    pub fn prime(&mut self, history: &[Exchange]) -> Result<(), EngineError> {
+        let history = self.recent(history)?;
+        if !history.is_empty() {
+            let parts = prompt_parts(self.llm, history, "", self.answer.concise)?;
+            self.conversation_cache(&parts.prefix)?;
+        }
+        Ok(())
+    }
+
+    /// Answer `question` (following `history`), streaming the text to `on_text`.
     pub fn ask(
         &mut self,
         question: &str,
+        history: &[Exchange],
         settings: &SearchSettings,
         params: &SamplingParams,
         cancel: &AtomicBool,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answer, EngineError> {
-        self.ask_reporting(question, settings, params, cancel, &mut |_, _| {}, on_text)
+        self.ask_reporting(
+            question,
+            history,
+            settings,
+            params,
+            cancel,
+            &mut |_, _| {},
+            on_text,
+        )
     }
 
     /// [`ask`](Self::ask), also telling `on_nodes` the chosen nodes and the injected entry
     /// count as soon as they are in the cache (before the first token).
+    #[allow(clippy::too_many_arguments)]
     pub fn ask_reporting(
         &mut self,
         question: &str,
+        history: &[Exchange],
         settings: &SearchSettings,
         params: &SamplingParams,
         cancel: &AtomicBool,
@@ -252,7 +373,7 @@ impl<'a> TreeSession<'a> {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answer, EngineError> {
         let start = Instant::now();
-        let mut p = self.prepare(question, settings, params.max_tokens)?;
+        let mut p = self.prepare(question, history, settings, params.max_tokens)?;
         let mut nodes: Vec<NodeHit> = p.selected.iter().map(|s| self.hit(s)).collect();
         on_nodes(&nodes, p.entries);
         let m = &self.llm.model;
@@ -284,6 +405,7 @@ impl<'a> TreeSession<'a> {
         t.search_ms = Some(p.search_ms);
         t.inject_ms = Some(p.prepare_ms - p.search_ms);
         t.reread_tokens = Some(p.reread_tokens);
+        t.history_tokens_run = (p.history_turns > 0).then_some(p.prefix_run);
         Ok(Answer {
             answer,
             abstained,
@@ -300,7 +422,8 @@ impl<'a> TreeSession<'a> {
             sources: Vec::new(),
             nodes,
             candidates: p.candidates,
-            prompt_tokens: self.prefix_len + p.suffix.len(),
+            prompt_tokens: p.prefix_len + p.suffix.len(),
+            history_turns: p.history_turns,
             timings: t,
             memory: self.memory(p.entries, p.cache.bytes()),
         })
@@ -366,10 +489,12 @@ impl<'a> TreeSession<'a> {
         }
     }
 
-    /// What `question` would read under `settings`, without running the answer.
+    /// What `question` (following `history`) would read under `settings`, without running
+    /// the answer.
     pub fn retrieve(
-        &self,
+        &mut self,
         question: &str,
+        history: &[Exchange],
         settings: &SearchSettings,
         answer_tokens: usize,
     ) -> Result<Retrieval, EngineError> {
@@ -377,21 +502,31 @@ impl<'a> TreeSession<'a> {
         if question.is_empty() {
             return Err(EngineError::EmptyQuestion);
         }
-        let parts = prompt_parts(self.llm, question, self.answer.concise)?;
-        let budget = self.budget(settings, parts.suffix.len(), answer_tokens);
-        self.search(question, &parts, settings, budget)
+        let history = self.recent(history)?;
+        let parts = prompt_parts(self.llm, history, question, self.answer.concise)?;
+        let prompt = parts.prefix.len() + parts.suffix.len();
+        let budget = self.budget_for(settings, prompt, answer_tokens);
+        let context = conversation::search_context(history);
+        let follow = FollowUp {
+            context: &context,
+            passages: self.carried(history),
+        };
+        let r = self.search(question, &follow, &parts, settings, budget)?;
+        self.remember(question, &r.selected);
+        Ok(r)
     }
 
     /// What `question` would read, as an answer with no text: the chosen nodes, the ranked
     /// candidates and the search time (`eval --retrieval`: retrieval measured alone).
     pub fn search_only(
-        &self,
+        &mut self,
         question: &str,
+        history: &[Exchange],
         settings: &SearchSettings,
         answer_tokens: usize,
     ) -> Result<Answer, EngineError> {
         let start = Instant::now();
-        let r = self.retrieve(question, settings, answer_tokens)?;
+        let r = self.retrieve(question, history, settings, answer_tokens)?;
         let search_ms = start.elapsed().as_secs_f64() * 1e3;
         let plan = &self.tree.manifest().plan;
         let entries = r.selected.iter().map(|s| s.entries).sum();
@@ -412,11 +547,13 @@ impl<'a> TreeSession<'a> {
             nodes: r.selected.iter().map(|s| self.hit(s)).collect(),
             candidates: r.candidates,
             prompt_tokens: 0,
+            history_turns: self.recent(history)?.len(),
             timings: super::Timings {
                 search_ms: Some(search_ms),
                 open_ms: None,
                 inject_ms: None,
                 reread_tokens: None,
+                history_tokens_run: None,
                 first_token_ms: search_ms,
                 prefill_tok_s: 0.0,
                 decode_tok_s: 0.0,
@@ -427,10 +564,12 @@ impl<'a> TreeSession<'a> {
         })
     }
 
-    /// Score every node and choose what to inject.
+    /// Score every node for `question` (and, weighed lower, the turn it follows) and choose
+    /// what to inject.
     fn search(
         &self,
         question: &str,
+        follow: &FollowUp,
         parts: &PromptParts,
         settings: &SearchSettings,
         budget: Budget,
@@ -447,7 +586,15 @@ impl<'a> TreeSession<'a> {
         } else {
             (Vec::new(), Vec::new())
         };
+        let weight = self.conversation.search_weight as f32;
+        let context = follow.context;
+        let follows = weight > 0.0 && !context.is_empty();
         let (dense_query, dense_vectors) = match &self.dense {
+            Some(d) if scorer.is_dense() && follows => {
+                let both = d.embedder.embed(&[question, context])?;
+                let (q, c) = both.split_at(d.embedder.dim());
+                (conversation::mix(q, c, weight), d.vectors.as_slice())
+            }
             Some(d) if scorer.is_dense() => (d.embedder.embed(&[question])?, d.vectors.as_slice()),
             _ => (Vec::new(), &[][..]),
         };
@@ -471,9 +618,14 @@ impl<'a> TreeSession<'a> {
             hidden: &hidden,
             dense: &dense_query,
             text: question,
+            context: if follows { context } else { "" },
+            context_weight: weight,
         };
         let mut scores = search::score(scorer, &index, &query, &shape);
         search::with_neighbours(&mut scores, &shape, settings.neighbours);
+        if weight > 0.0 {
+            search::keep_candidates(&mut scores, &shape, follow.passages, weight);
+        }
         let height = plan.config.height;
         let candidates = search::reading_order(&scores, &shape, budget.window)
             .into_iter()
@@ -627,6 +779,7 @@ impl<'a> TreeSession<'a> {
         selected: &[Selected],
         cuts: &[bool],
         settings: &SearchSettings,
+        prefix_len: usize,
         cache: &mut KvCache,
     ) -> Result<(usize, usize), EngineError> {
         let positions = settings.positions;
@@ -654,7 +807,7 @@ impl<'a> TreeSession<'a> {
         if n == 0 {
             return Ok((0, 0));
         }
-        let (starts, next) = part_starts(&parts, selected, positions, self.prefix_len);
+        let (starts, next) = part_starts(&parts, selected, positions, prefix_len);
         let span = |i: usize, len: usize| -> Vec<u32> {
             match positions {
                 Positions::Contiguous => (starts[i]..starts[i] + len).map(|x| x as u32).collect(),
@@ -749,6 +902,14 @@ impl<'a> TreeSession<'a> {
             supports: None,
         }
     }
+}
+
+/// What a follow-up question's search adds to the question.
+struct FollowUp<'a> {
+    /// The last turn's words (weighed `search_weight`).
+    context: &'a str,
+    /// The nodes the last turn read in full.
+    passages: &'a [(usize, usize, usize)],
 }
 
 /// One piece of what a question injects, in document order.

@@ -31,6 +31,13 @@ impl Message {
             content: content.into(),
         }
     }
+    /// An assistant turn (an earlier answer).
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self {
+            role: "assistant".into(),
+            content: content.into(),
+        }
+    }
 }
 
 /// A compiled chat template.

@@ -92,11 +92,17 @@ impl KvCache {
         self.lens.iter().sum::<usize>() * 2 * self.n_kv_head * self.head_dim * 4
     }
 
-    /// A deep copy of the first `len` entries of every layer.
+    /// A deep copy of every layer's entries.
     ///
     /// Appending writes into preallocated storage in place, so sharing storage between two
     /// caches would let one overwrite the other; a fork never shares.
     pub fn fork(&self) -> Result<Self> {
+        self.fork_first(usize::MAX)
+    }
+
+    /// A deep copy of at most the first `n` entries of every layer (a prompt's shared
+    /// beginning, kept while what followed it changes).
+    pub fn fork_first(&self, n: usize) -> Result<Self> {
         let mut out = Self::new(
             self.layers.len(),
             self.n_kv_head,
@@ -104,11 +110,15 @@ impl KvCache {
             &self.device,
         );
         out.shift = self.shift;
-        out.bias = self.bias.clone();
+        out.bias = self
+            .bias
+            .iter()
+            .map(|b| b[..b.len().min(n)].to_vec())
+            .collect();
         for (i, layer) in self.layers.iter().enumerate() {
-            if let Some(l) = layer {
-                let n = self.lens[i];
-                out.append(i, &l.k.narrow(1, 0, n)?, &l.v.narrow(1, 0, n)?)?;
+            let keep = self.lens[i].min(n);
+            if let (Some(l), true) = (layer, keep > 0) {
+                out.append(i, &l.k.narrow(1, 0, keep)?, &l.v.narrow(1, 0, keep)?)?;
             }
         }
         Ok(out)

@@ -72,22 +72,36 @@ impl Bm25 {
 
     /// The BM25 score of every passage for `query`, in passage order.
     pub fn scores(&self, query: &str) -> Vec<f64> {
+        self.scores_with(query, "", 0.0)
+    }
+
+    /// [`scores`](Self::scores) for `query` plus the words of `context` it lacks, each
+    /// weighed `weight` (a follow-up question and the turn before it).
+    pub fn scores_with(&self, query: &str, context: &str, weight: f64) -> Vec<f64> {
         let mut q: Vec<String> = terms(query).collect();
         q.sort();
         q.dedup();
+        let mut weighted: Vec<(String, f64)> = q.iter().map(|t| (t.clone(), 1.0)).collect();
+        if weight > 0.0 {
+            let mut c: Vec<String> = terms(context).filter(|t| !q.contains(t)).collect();
+            c.sort();
+            c.dedup();
+            weighted.extend(c.into_iter().map(|t| (t, weight)));
+        }
         self.counts
             .iter()
             .zip(&self.lengths)
             .map(|(c, &len)| {
-                q.iter()
-                    .map(|t| {
+                weighted
+                    .iter()
+                    .map(|(t, w)| {
                         let tf = *c.get(t).unwrap_or(&0) as f64;
                         if tf == 0.0 {
                             return 0.0;
                         }
                         let idf = self.idf(t);
                         let norm = K1 * (1.0 - B + B * len as f64 / self.avg_len.max(1.0));
-                        idf * tf * (K1 + 1.0) / (tf + norm)
+                        w * idf * tf * (K1 + 1.0) / (tf + norm)
                     })
                     .sum()
             })
@@ -124,6 +138,28 @@ mod tests {
         let s = idx.scores("Where was the photograph hidden?");
         assert!(s[2] > s[0] && s[2] > s[1], "{s:?}");
         assert_eq!(s[1], 0.0);
+    }
+
+    #[test]
+    fn context_words_count_below_the_question_s() {
+        let idx = Bm25::new([
+            "Netherfield Park is let at last.",
+            "Mr. Bingley danced every dance.",
+            "The house was let to a tenant.",
+        ]);
+        let q = "Which house is let to him?";
+        let alone = idx.scores(q);
+        let with = idx.scores_with(q, "Who rented Netherfield?", 0.5);
+        let full = idx.scores_with(q, "Who rented Netherfield?", 1.0);
+        assert!(with[0] > alone[0], "the passage naming the referent rises");
+        assert_eq!(with[2], alone[2], "the question's own words weigh the same");
+        assert!(full[0] > with[0]);
+        assert_eq!(idx.scores_with(q, "Netherfield", 0.0), alone);
+        assert_eq!(
+            idx.scores_with(q, "house let", 1.0),
+            alone,
+            "no word counts twice"
+        );
     }
 
     #[test]

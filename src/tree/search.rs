@@ -188,6 +188,10 @@ pub struct Query<'a> {
     /// The question's sentence embedding, unit length (for `dense`, `hybrid`).
     pub dense: &'a [f32],
     pub text: &'a str,
+    /// Words that count for BM25 at `context_weight` against the text's 1 (a follow-up
+    /// question's previous turn).
+    pub context: &'a str,
+    pub context_weight: f32,
 }
 
 /// The node vectors and indexes to score against.
@@ -259,7 +263,11 @@ pub fn score(scorer: Scorer, index: &Index, query: &Query, shape: &Shape) -> Vec
         let mut out = vec![0f32; chunks * per];
         for (level, idx) in index.bm25.iter().enumerate() {
             let width = 1 << level;
-            for (i, v) in idx.scores(query.text).iter().enumerate() {
+            for (i, v) in idx
+                .scores_with(query.text, query.context, query.context_weight as f64)
+                .iter()
+                .enumerate()
+            {
                 let (chunk, at) = (i / width, i % width);
                 if chunk < chunks {
                     out[chunk * per + node_number(level, at)] = *v as f32;
@@ -376,6 +384,31 @@ pub fn with_neighbours(scores: &mut [f32], shape: &Shape, weight: f32) {
         let right = raw.get(g + 1).copied();
         if let Some(best) = left.into_iter().chain(right).reduce(f32::max) {
             scores[at(g)] = raw[g] + weight * best;
+        }
+    }
+}
+
+/// Keep `nodes` (`(chunk, level, index)`: the passages the turn before read) in the running:
+/// each scores at least `weight` × the best score of its level.
+pub fn keep_candidates(
+    scores: &mut [f32],
+    shape: &Shape,
+    nodes: &[(usize, usize, usize)],
+    weight: f32,
+) {
+    let per = nodes_per_chunk(shape.height);
+    let chunks = shape.node_lens.len();
+    for &(chunk, level, index) in nodes {
+        if chunk >= chunks || level > shape.height || index >= 1 << level {
+            continue;
+        }
+        let best = (0..chunks)
+            .flat_map(|c| (0..1usize << level).map(move |i| c * per + node_number(level, i)))
+            .map(|i| scores[i])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let at = chunk * per + node_number(level, index);
+        if best > 0.0 {
+            scores[at] = scores[at].max(weight * best);
         }
     }
 }
@@ -1091,6 +1124,27 @@ mod tests {
             scores.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6),
             "{scores:?}"
         );
+    }
+
+    #[test]
+    fn the_last_turn_s_passages_stay_candidates() {
+        let lens = shape_of(&[64, 64], 1);
+        let alpha = [2, 1];
+        let shape = Shape {
+            height: 1,
+            alpha: &alpha,
+            node_lens: &lens,
+        };
+        // Per chunk: root, leaf 0, leaf 1.
+        let mut scores = vec![4.0, 1.0, 0.0, 2.0, 0.1, 0.8];
+        keep_candidates(
+            &mut scores,
+            &shape,
+            &[(0, 1, 1), (1, 1, 1), (1, 0, 0), (9, 1, 0)],
+            0.5,
+        );
+        // Raised to half the best leaf (1.0) or root (4.0); never lowered; unknown skipped.
+        assert_eq!(scores, vec![4.0, 1.0, 0.5, 2.0, 0.1, 0.8]);
     }
 
     #[test]

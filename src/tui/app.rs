@@ -14,6 +14,7 @@ use tui_textarea::TextArea;
 use super::history::{SourceRef, Turn};
 use super::markdown;
 use crate::engine::session::{Event, NodeView, Progress, Stats, TreeView};
+use crate::engine::Exchange;
 
 /// Everything that can happen to the app.
 #[derive(Debug)]
@@ -38,7 +39,11 @@ pub enum Msg {
 /// Work for the event loop, which owns the terminal, the session and the files.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
-    Ask(String),
+    /// Answer `question`, following `history` (the current conversation's turns).
+    Ask {
+        question: String,
+        history: Vec<Exchange>,
+    },
     /// Stop the answer being generated.
     Stop,
     Copy(String),
@@ -180,6 +185,8 @@ pub struct App {
     pub rendered: Vec<Vec<Line<'static>>>,
     /// How many of `turns` came from the saved history.
     pub restored: usize,
+    /// The conversation new questions follow (a [`Turn::conversation`]).
+    pub conversation: u32,
     pub pending: Option<Pending>,
     pub input: TextArea<'static>,
     pub focus: Focus,
@@ -219,6 +226,7 @@ impl App {
             turns: Vec::new(),
             rendered: Vec::new(),
             restored: 0,
+            conversation: 0,
             pending: None,
             input,
             focus: Focus::Input,
@@ -268,10 +276,21 @@ impl App {
                 Vec::new()
             }
             Msg::History(turns) => {
-                // Questions asked before the history arrived stay after it.
+                // Questions asked before the history arrived stay after it; reopening a
+                // book starts a conversation after the saved ones.
                 let newer = std::mem::replace(&mut self.turns, turns);
                 self.restored = self.turns.len();
-                self.turns.extend(newer);
+                self.conversation = self
+                    .turns
+                    .iter()
+                    .map(|t| t.conversation + 1)
+                    .max()
+                    .unwrap_or(0);
+                let current = self.conversation;
+                self.turns.extend(newer.into_iter().map(|t| Turn {
+                    conversation: current,
+                    ..t
+                }));
                 self.rendered = self
                     .turns
                     .iter()
@@ -351,6 +370,7 @@ impl App {
                         answer,
                         stop: done.stop,
                         supported: done.supported,
+                        conversation: self.conversation,
                         sources: read_first(&p.expanded)
                             .iter()
                             .map(|n| SourceRef {
@@ -500,6 +520,10 @@ impl App {
                 self.scroll_chat(-(self.page() as isize));
                 return Vec::new();
             }
+            KeyCode::Char('n') if ctrl => {
+                self.new_conversation();
+                return Vec::new();
+            }
             _ => {}
         }
         match self.focus {
@@ -537,7 +561,10 @@ impl App {
                     expanded: Vec::new(),
                 });
                 self.chat_scroll = 0;
-                vec![Effect::Ask(question)]
+                vec![Effect::Ask {
+                    question,
+                    history: self.history(),
+                }]
             }
             _ => {
                 self.input.input(key);
@@ -576,6 +603,7 @@ impl App {
                 None => self.notice = Some("no answer to copy yet".into()),
             },
             KeyCode::Char('e') => return vec![Effect::Export],
+            KeyCode::Char('n') => self.new_conversation(),
             KeyCode::Char('a') => {
                 self.source_view = SourceView::Answer;
                 self.sources_scroll = 0;
@@ -589,6 +617,31 @@ impl App {
             _ => {}
         }
         Vec::new()
+    }
+
+    /// The current conversation's turns, for the next question to follow.
+    fn history(&self) -> Vec<Exchange> {
+        self.turns
+            .iter()
+            .filter(|t| t.conversation == self.conversation && !t.answer.trim().is_empty())
+            .map(|t| Exchange::new(t.question.clone(), t.answer.clone()))
+            .collect()
+    }
+
+    /// Let the next question start a conversation of its own.
+    fn new_conversation(&mut self) {
+        self.notice = Some(if self.generating() {
+            "an answer is still coming (Esc stops it)".into()
+        } else if self
+            .turns
+            .last()
+            .is_none_or(|t| t.conversation != self.conversation)
+        {
+            "the next question already starts a new conversation".into()
+        } else {
+            self.conversation += 1;
+            "new conversation: the next question does not follow the earlier ones".into()
+        });
     }
 
     /// Rows a page scroll moves: most of the chat pane's height.

@@ -28,6 +28,10 @@ pub struct Turn {
     /// `Some(false)`: none of the passages read holds the answer's key words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supported: Option<bool>,
+    /// Which conversation the turn belongs to (turns of one conversation are consecutive;
+    /// a follow-up question carries the earlier turns of its own).
+    #[serde(default)]
+    pub conversation: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -89,10 +93,13 @@ pub fn export(dir: &Path, key: &str, document: &str, turns: &[Turn]) -> std::io:
     Ok(target)
 }
 
-/// The conversation as a Markdown document.
+/// The conversations as a Markdown document, a rule between two.
 pub fn to_markdown(document: &str, turns: &[Turn]) -> String {
     let mut md = format!("# slm-chat: {document}\n");
-    for t in turns {
+    for (i, t) in turns.iter().enumerate() {
+        if i > 0 && turns[i - 1].conversation != t.conversation {
+            md.push_str("\n---\n");
+        }
         md.push_str(&format!(
             "\n## {}\n\n{}\n",
             t.question.trim(),
@@ -145,6 +152,7 @@ mod tests {
             answer: "Holmes.".into(),
             stop: "end of turn".into(),
             supported: None,
+            conversation: 0,
             sources: vec![SourceRef {
                 chunk: 3,
                 level: 1,
@@ -160,6 +168,21 @@ mod tests {
         let text = std::fs::read_to_string(md).expect("read export");
         assert!(text.contains("## Who?\n\nHolmes.\n"));
         assert!(text.contains("pages 7–8, α 4"));
+        assert!(!text.contains("---"), "one conversation, no rule");
+        let mut two = turns.clone();
+        two.push(Turn {
+            conversation: 1,
+            ..turns[0].clone()
+        });
+        assert_eq!(to_markdown("book.txt", &two).matches("\n---\n").count(), 1);
+    }
+
+    #[test]
+    fn turns_saved_before_conversations_load_as_the_first() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let old = r#"{"version": 1, "document": "b", "turns": [{"question": "Q", "answer": "A", "stop": "end of turn"}]}"#;
+        std::fs::write(path(dir.path(), "k"), old).expect("write");
+        assert_eq!(load(dir.path(), "k").expect("load")[0].conversation, 0);
     }
 
     #[test]

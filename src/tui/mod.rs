@@ -230,9 +230,12 @@ impl Driver {
     /// Do one effect; returns what the app should hear back at once.
     fn carry_out(&mut self, effect: Effect) -> Option<Msg> {
         match effect {
-            Effect::Ask(q) => {
-                tracing::info!(question = %q, "ask");
-                let sent = self.requests.send(session::Request::Ask(q)).is_ok();
+            Effect::Ask { question, history } => {
+                tracing::info!(question = %question, follows = history.len(), "ask");
+                let sent = self
+                    .requests
+                    .send(session::Request::Ask { question, history })
+                    .is_ok();
                 (!sent).then_some(Msg::EngineGone)
             }
             Effect::Stop => {

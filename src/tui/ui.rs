@@ -271,10 +271,17 @@ fn chat_rows(app: &App, width: usize, need: usize) -> (Vec<Line<'static>>, bool)
         }
         b.push(footer);
         b.push(Line::default());
+        let next = app
+            .turns
+            .get(i + 1)
+            .map_or(app.conversation, |n| n.conversation);
         if i + 1 == app.restored {
             b.push(
                 Line::styled("── saved conversation above ──", meta).alignment(Alignment::Center),
             );
+            b.push(Line::default());
+        } else if next != t.conversation {
+            b.push(Line::styled("── new conversation ──", meta).alignment(Alignment::Center));
             b.push(Line::default());
         }
         blocks.push(b);
@@ -649,7 +656,7 @@ fn status_activity(app: &App, now: Instant) -> Line<'static> {
 }
 
 /// Every key, for the help overlay (and nothing else: keep it in step with `App::key`).
-pub const KEYS: [(&str, &str); 17] = [
+pub const KEYS: [(&str, &str); 18] = [
     ("Enter", "send the question (in the question box)"),
     ("Alt-Enter", "new line in the question"),
     (
@@ -668,11 +675,18 @@ pub const KEYS: [(&str, &str); 17] = [
     ("a", "sources: back to the last answer's nodes"),
     ("y", "copy the last answer (clipboard, or OSC 52 over SSH)"),
     ("e", "export the conversation to Markdown"),
+    (
+        "n  Ctrl-N",
+        "new conversation: questions stop following earlier turns",
+    ),
     ("? / F1", "this help (? outside the question box)"),
     ("Ctrl-C", "quit"),
     ("", ""),
     ("tree marks", "● level, α (tokens per KV entry), score"),
-    ("history", "saved per book; shown again on reopening"),
+    (
+        "history",
+        "saved per book; shown again on reopening (a new conversation)",
+    ),
 ];
 
 fn draw_help(frame: &mut Frame, app: &App, area: Rect) {
