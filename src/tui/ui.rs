@@ -677,7 +677,7 @@ pub const KEYS: [(&str, &str); 18] = [
     ("e", "export the conversation to Markdown"),
     (
         "n  Ctrl-N",
-        "new conversation: questions stop following earlier turns",
+        "new conversation: earlier turns no longer followed",
     ),
     ("? / F1", "this help (? outside the question box)"),
     ("Ctrl-C", "quit"),
@@ -685,7 +685,7 @@ pub const KEYS: [(&str, &str); 18] = [
     ("tree marks", "● level, α (tokens per KV entry), score"),
     (
         "history",
-        "saved per book; shown again on reopening (a new conversation)",
+        "saved per book; reopening starts a new conversation",
     ),
 ];
 
