@@ -468,6 +468,9 @@ pub struct TurnResult {
     pub answer: String,
     /// Against the turn's expected answer, when the dataset gives one.
     pub correct: Option<bool>,
+    /// With `gold_turns`: the dataset's answer, which the later turns followed instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub followed: Option<String>,
 }
 
 /// A Markdown table: one row per haystack size (or one row for book questions), one column
@@ -761,6 +764,8 @@ pub struct EvalPlan {
     pub work_dir: PathBuf,
     /// Only search (`tree`): what each case would read and its candidates' ranks, no answer.
     pub retrieval_only: bool,
+    /// Conversations follow the dataset's answers to their earlier turns, not the model's.
+    pub gold_turns: bool,
     /// The sentence embedder for `dense` and `hybrid` scorers.
     pub embedder: Option<std::sync::Arc<crate::model::Embedder>>,
 }
@@ -864,7 +869,9 @@ impl<'a> Reader<'a> {
     }
 
     /// Ask a conversation's turns in order, each following the answers the model gave to
-    /// the ones before, and score the last.
+    /// the ones before (or, with `gold_turns`, the dataset's), and score the last. Between
+    /// turns a tree session runs the conversation so far through the model, as the app does
+    /// while the user reads the answer: the last turn's time to first token is the app's.
     fn conversation(
         &mut self,
         case: &Case,
@@ -887,12 +894,22 @@ impl<'a> Reader<'a> {
                 aliases: turn.aliases.clone(),
                 ..case.clone()
             };
+            let gold = turn.answer.clone().filter(|_| self.plan.gold_turns);
             turns.push(TurnResult {
                 question: turn.question.clone(),
                 correct: turn.answer.as_ref().map(|_| correct(&expected, &answer)),
                 answer: answer.clone(),
+                followed: gold.clone(),
             });
-            history.push(Exchange::new(turn.question.clone(), answer));
+            let said = gold.unwrap_or(answer);
+            history.push(Exchange::new(turn.question.clone(), said));
+            if let Some((_, session)) = self
+                .session
+                .as_mut()
+                .filter(|_| self.method == Method::Tree)
+            {
+                session.prime(&history)?;
+            }
         }
         let mut r = self.scored(case, doc, &last.question, &history, say)?;
         r.earlier = turns;

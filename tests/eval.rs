@@ -307,6 +307,30 @@ fn eval_asks_a_conversation_with_and_without_its_turns() {
         assert!(case.get("history_turns").is_none(), "{case}");
         assert!(case["evidence_read"].is_boolean(), "{case}");
     }
+    assert!(earlier.get("followed").is_none(), "{earlier}");
+    // With --gold-turns the last question follows the dataset's answer to the first.
+    let gold = Command::new(exe())
+        .env("SLM_CHAT_PATHS_CACHE_DIR", cache.path())
+        .env("SLM_CHAT_GENERATE_MAX_TOKENS", "24")
+        .arg("--model")
+        .arg(default_model())
+        .arg("eval")
+        .arg(&conv)
+        .arg("--books")
+        .arg(&books)
+        .args(["--json", "--gold-turns"])
+        .output()
+        .expect("run");
+    assert!(
+        gold.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gold.stderr)
+    );
+    let g: serde_json::Value = serde_json::from_slice(&gold.stdout).expect("valid JSON");
+    assert_eq!(
+        g["cases"][0]["earlier"][0]["followed"], "Irene Adler",
+        "{g}"
+    );
     let summary = json["summary"].as_array().expect("summary");
     let groups: Vec<(&str, u64)> = summary
         .iter()

@@ -36,6 +36,11 @@ pub struct EvalArgs {
     /// ranks among the candidates, without answering.
     #[arg(long)]
     retrieval: bool,
+    /// Conversations: the earlier turns carry the dataset's expected answers (where it gives
+    /// them) instead of the model's own, so a follow-up is measured apart from how well the
+    /// turn before it was answered.
+    #[arg(long)]
+    gold_turns: bool,
     /// Only these case ids (comma-separated).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -130,6 +135,7 @@ pub fn run(config: &Config, args: EvalArgs) -> Result<ExitCode> {
         read_alone: args.read_alone,
         work_dir: config.cache_dir().join("eval"),
         retrieval_only: args.retrieval,
+        gold_turns: args.gold_turns,
         embedder,
     };
     let results = eval::run(&llm, &settings, &plan, &mut say)?;

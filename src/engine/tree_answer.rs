@@ -24,7 +24,7 @@ use crate::model::{
 use crate::store::{Plan, Tree};
 use crate::tree::layout::{level_rows, node_number, node_spans};
 use crate::tree::search::{
-    self, Budget, Index, Positions, Query, Reread, SearchSettings, Selected, Shape,
+    self, Budget, Index, NodeKey, Positions, Query, Reread, SearchSettings, Selected, Shape,
 };
 use crate::tree::Encoder;
 
@@ -104,7 +104,7 @@ pub struct TreeSession<'a> {
     kept: Option<(Vec<u32>, KvCache)>,
     /// The last question, and the nodes it read at full resolution `(chunk, level,
     /// index)`: a follow-up to it keeps them among its candidates.
-    last_read: Option<(String, Vec<(usize, usize, usize)>)>,
+    last_read: Option<(String, Vec<NodeKey>)>,
 }
 
 /// What dense search needs: the embedder (for the question) and every node's vector.
@@ -283,7 +283,7 @@ impl<'a> TreeSession<'a> {
     }
 
     /// The nodes the last question read in full, when `history` follows it.
-    fn carried(&self, history: &[Exchange]) -> &[(usize, usize, usize)] {
+    fn carried(&self, history: &[Exchange]) -> &[NodeKey] {
         match (&self.last_read, history.last()) {
             (Some((asked, nodes)), Some(e)) if asked == e.question.trim() => nodes,
             _ => &[],
@@ -909,7 +909,7 @@ struct FollowUp<'a> {
     /// The last turn's words (weighed `search_weight`).
     context: &'a str,
     /// The nodes the last turn read in full.
-    passages: &'a [(usize, usize, usize)],
+    passages: &'a [NodeKey],
 }
 
 /// One piece of what a question injects, in document order.

@@ -75,33 +75,48 @@ impl Bm25 {
         self.scores_with(query, "", 0.0)
     }
 
-    /// [`scores`](Self::scores) for `query` plus the words of `context` it lacks, each
-    /// weighed `weight` (a follow-up question and the turn before it).
+    /// [`scores`](Self::scores) for `query`, plus `weight` × the score for the words of
+    /// `context` it lacks (a follow-up question and the turn before it), brought to the
+    /// query's scale first: however many words the context has, a passage that only matches
+    /// them never outscores the best match of the query by more than `weight` of it.
     pub fn scores_with(&self, query: &str, context: &str, weight: f64) -> Vec<f64> {
         let mut q: Vec<String> = terms(query).collect();
         q.sort();
         q.dedup();
-        let mut weighted: Vec<(String, f64)> = q.iter().map(|t| (t.clone(), 1.0)).collect();
-        if weight > 0.0 {
-            let mut c: Vec<String> = terms(context).filter(|t| !q.contains(t)).collect();
-            c.sort();
-            c.dedup();
-            weighted.extend(c.into_iter().map(|t| (t, weight)));
+        let own = self.scores_of(&q);
+        if weight <= 0.0 {
+            return own;
         }
+        let mut c: Vec<String> = terms(context).filter(|t| !q.contains(t)).collect();
+        c.sort();
+        c.dedup();
+        let more = self.scores_of(&c);
+        let top = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+        let scale = match (top(&own), top(&more)) {
+            (o, m) if o > 0.0 && m > 0.0 => o / m,
+            _ => 1.0,
+        };
+        own.iter()
+            .zip(&more)
+            .map(|(o, m)| o + weight * scale * m)
+            .collect()
+    }
+
+    /// Every passage's BM25 score for the (distinct) terms `q`.
+    fn scores_of(&self, q: &[String]) -> Vec<f64> {
         self.counts
             .iter()
             .zip(&self.lengths)
             .map(|(c, &len)| {
-                weighted
-                    .iter()
-                    .map(|(t, w)| {
+                q.iter()
+                    .map(|t| {
                         let tf = *c.get(t).unwrap_or(&0) as f64;
                         if tf == 0.0 {
                             return 0.0;
                         }
                         let idf = self.idf(t);
                         let norm = K1 * (1.0 - B + B * len as f64 / self.avg_len.max(1.0));
-                        w * idf * tf * (K1 + 1.0) / (tf + norm)
+                        idf * tf * (K1 + 1.0) / (tf + norm)
                     })
                     .sum()
             })

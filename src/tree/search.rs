@@ -388,14 +388,12 @@ pub fn with_neighbours(scores: &mut [f32], shape: &Shape, weight: f32) {
     }
 }
 
-/// Keep `nodes` (`(chunk, level, index)`: the passages the turn before read) in the running:
-/// each scores at least `weight` × the best score of its level.
-pub fn keep_candidates(
-    scores: &mut [f32],
-    shape: &Shape,
-    nodes: &[(usize, usize, usize)],
-    weight: f32,
-) {
+/// A node by `(chunk, level, index)`.
+pub type NodeKey = (usize, usize, usize);
+
+/// Keep `nodes` (the passages the turn before read) in the running: each scores at least
+/// `weight` × the best score of its level.
+pub fn keep_candidates(scores: &mut [f32], shape: &Shape, nodes: &[NodeKey], weight: f32) {
     let per = nodes_per_chunk(shape.height);
     let chunks = shape.node_lens.len();
     for &(chunk, level, index) in nodes {
