@@ -5,7 +5,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::model::{argmax, Forward, Llm, Model, ModelError};
+use candle_core::Device;
+
+use crate::model::{argmax, synthetic, Forward, Llm, Model, ModelError};
 
 /// Text the bench tokenizes: the bundled sample (real prose, about 35K tokens).
 pub const SAMPLE_TEXT: &str = include_str!("../assets/sherlock_holmes_adventures_1-3.txt");
@@ -61,15 +63,65 @@ fn figure(name: String, tokens: usize, runs: Vec<f64>) -> Figure {
     }
 }
 
-/// Run the plan; `progress` gets a line before each measurement.
+/// Run the plan on `llm` over the bundled sample's tokens; `progress` gets a line before
+/// each measurement.
 pub fn run(
     llm: &Llm,
     plan: &BenchPlan,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BenchReport, ModelError> {
     let tokens = llm.tokenizer.encode(SAMPLE_TEXT, false)?;
+    let figures = measure(&llm.model, &tokens, plan, progress)?;
+    Ok(report(
+        llm.path.display().to_string(),
+        &llm.model,
+        llm.load_secs,
+        figures,
+    ))
+}
+
+/// Seed of `--synthetic` weights and tokens: the same model on every machine.
+pub const SYNTHETIC_SEED: u64 = 20_261_207;
+
+/// Run the plan on random weights of `shape` on `device`, over random token ids.
+pub fn run_synthetic(
+    shape: synthetic::Shape,
+    device: &Device,
+    plan: &BenchPlan,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport, ModelError> {
+    progress(&format!("building {} on random weights", shape.name()));
+    let start = Instant::now();
+    let m = synthetic::model(shape, SYNTHETIC_SEED, device)?;
+    let load_secs = start.elapsed().as_secs_f64();
+    let longest = plan.prefill_sizes.iter().copied().max().unwrap_or(0);
+    let needed = longest.max(ENCODE_PREFIX + ENCODE_CHUNKS * ENCODE_CHUNK);
+    let tokens = synthetic::tokens(needed, m.config().vocab_size, SYNTHETIC_SEED);
+    let figures = measure(&m, &tokens, plan, progress)?;
+    let name = format!("synthetic {} (random weights)", shape.name());
+    Ok(report(name, &m, load_secs, figures))
+}
+
+fn report(model: String, m: &Model, load_secs: f64, figures: Vec<Figure>) -> BenchReport {
+    BenchReport {
+        model,
+        device: crate::model::device_name(m.device()).to_string(),
+        threads: rayon::current_num_threads(),
+        load_secs,
+        weight_bytes: m.weight_bytes(),
+        figures,
+        peak_rss_bytes: crate::sys::peak_rss_bytes(),
+    }
+}
+
+/// Prefill, encode and decode figures of `m` over `tokens`.
+fn measure(
+    m: &Model,
+    tokens: &[u32],
+    plan: &BenchPlan,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<Figure>, ModelError> {
     let reps = plan.reps.max(1);
-    let m = &llm.model;
     let mut figures = Vec::new();
 
     let window = m.config().context_length;
@@ -101,7 +153,7 @@ pub fn run(
         "encode {ENCODE_CHUNKS} chunks of {ENCODE_CHUNK} tokens × {reps}"
     ));
     let runs = (0..reps)
-        .map(|_| encode_rate(m, &tokens))
+        .map(|_| encode_rate(m, tokens))
         .collect::<Result<Vec<_>, ModelError>>()?;
     figures.push(figure(
         format!("encode-{ENCODE_CHUNK}x{ENCODE_CHUNKS}"),
@@ -113,23 +165,14 @@ pub fn run(
         "decode {DECODE_TOKENS} tokens after {DECODE_PROMPT} × {reps}"
     ));
     let runs = (0..reps)
-        .map(|_| decode_rate(m, &tokens))
+        .map(|_| decode_rate(m, tokens))
         .collect::<Result<Vec<_>, ModelError>>()?;
     figures.push(figure(
         format!("decode-after-{DECODE_PROMPT}"),
         DECODE_TOKENS,
         runs,
     ));
-
-    Ok(BenchReport {
-        model: llm.path.display().to_string(),
-        device: crate::model::device_name(m.device()).to_string(),
-        threads: rayon::current_num_threads(),
-        load_secs: llm.load_secs,
-        weight_bytes: m.weight_bytes(),
-        figures,
-        peak_rss_bytes: crate::sys::peak_rss_bytes(),
-    })
+    Ok(figures)
 }
 
 /// Encode: what building a context tree does per chunk — a shared sink prefix, then each

@@ -633,3 +633,45 @@ fn ask_history_carries_a_conversation_and_adds_each_turn() {
     assert_one_line_error(&out, "talk.jsonl:2: not a turn of a conversation");
     assert_eq!(std::fs::read(&history).expect("history"), broken);
 }
+
+/// `bench --synthetic` measures a model shape on random weights: no model file, no
+/// tokenizer, the kernels of the real checkpoint's formats.
+#[test]
+fn bench_runs_a_synthetic_model_without_a_file() {
+    let out = run_env(
+        &[
+            "--model",
+            "/no/such/model.gguf",
+            "bench",
+            "--synthetic",
+            "smollm2-135m",
+            "--reps",
+            "1",
+            "--prefill",
+            "64",
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("one JSON object");
+    assert!(
+        v["model"]
+            .as_str()
+            .is_some_and(|m| m.contains("synthetic smollm2-135m")),
+        "{v}"
+    );
+    let names: Vec<&str> = v["figures"]
+        .as_array()
+        .expect("figures")
+        .iter()
+        .filter_map(|f| f["name"].as_str())
+        .collect();
+    assert_eq!(names, ["prefill-64", "encode-512x4", "decode-after-512"]);
+    // The Q4_1 weights of the 135M shape: about the default GGUF's 98 MB.
+    let bytes = v["weight_bytes"].as_u64().unwrap_or(0);
+    assert!((90_000_000..110_000_000).contains(&bytes), "{bytes}");
+    let out = run_env(&["bench", "--synthetic", "gpt-9"], &[]);
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("smollm2-135m"), "{}", out.stderr);
+}

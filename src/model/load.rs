@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{gguf_file, GgmlDType};
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
@@ -22,7 +22,7 @@ const GGUF_ARCHS: &[&str] = &["llama", "qwen2"];
 
 /// The tensors of a LLaMA-family checkpoint.
 #[derive(Debug, Clone, Copy)]
-enum Weight {
+pub(super) enum Weight {
     Embed,
     OutputNorm,
     Output,
@@ -41,7 +41,7 @@ enum Weight {
 }
 
 impl Weight {
-    fn gguf(self) -> String {
+    pub(super) fn gguf(self) -> String {
         use Weight::*;
         match self {
             Embed => "token_embd.weight".into(),
@@ -85,7 +85,7 @@ impl Weight {
 }
 
 /// Where tensors come from, as f32 on the model's device.
-trait Source {
+pub(super) trait Source {
     fn get(&mut self, w: Weight, shape: &[usize]) -> Result<Tensor>;
     fn has(&self, w: Weight) -> bool;
     /// A projection's weight `(out, in)` in the form the forward multiplies fastest.
@@ -95,7 +95,12 @@ trait Source {
 }
 
 /// Build a model from any source: the one place that knows the block's tensor layout.
-fn build(config: Config, device: &Device, src: &mut dyn Source, tied: bool) -> Result<Model> {
+pub(super) fn build(
+    config: Config,
+    device: &Device,
+    src: &mut dyn Source,
+    tied: bool,
+) -> Result<Model> {
     let c = &config;
     let (d, q_out, kv_out) = (c.d_model, c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
     let linear = |src: &mut dyn Source, w: Weight, b: Option<Weight>, out: usize, inp: usize| {
@@ -208,29 +213,41 @@ impl Source for GgufSource<'_> {
             )));
         }
         let q = self.content.tensor(self.reader, &name, &Device::Cpu)?;
-        if self.device.is_cpu() {
-            let data = q.data()?;
-            match QuantMatrix::from_gguf(q.dtype(), shape[0], shape[1], &data) {
-                Ok(m) => return Ok(Weights::Quant(std::sync::Arc::new(m))),
-                // The rarer formats (Q5_1, Q2_K, Q3_K, f16) are multiplied as f32.
-                Err(Unsupported::Format) => {}
-                Err(e) => {
-                    return Err(ModelError::Format(format!(
-                        "tensor '{name}' ({:?}, {shape:?}) is damaged: {e}",
-                        q.dtype()
-                    )))
-                }
-            }
-        } else if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-            let q = self.content.tensor(self.reader, &name, self.device)?;
-            return Ok(Weights::Candle(
-                candle_core::quantized::QMatMul::from_qtensor(q)?,
-            ));
-        }
-        Ok(Weights::Dense(
-            q.dequantize(self.device)?.to_dtype(DType::F32)?,
-        ))
+        let (content, reader) = (self.content, &mut *self.reader);
+        linear_weights(&name, q, shape, self.device, &mut || {
+            Ok(content.tensor(reader, &name, self.device)?)
+        })
     }
+}
+
+/// A projection's weights from quantized blocks `q` (on the CPU): our kernels on the CPU,
+/// candle's on a GPU (`on_device` puts the blocks there), f32 for the formats neither takes.
+pub(super) fn linear_weights(
+    name: &str,
+    q: QTensor,
+    shape: &[usize],
+    device: &Device,
+    on_device: &mut dyn FnMut() -> Result<QTensor>,
+) -> Result<Weights> {
+    if device.is_cpu() {
+        let data = q.data()?;
+        match QuantMatrix::from_gguf(q.dtype(), shape[0], shape[1], &data) {
+            Ok(m) => return Ok(Weights::Quant(std::sync::Arc::new(m))),
+            // The rarer formats (Q5_1, Q2_K, Q3_K, f16) are multiplied as f32.
+            Err(Unsupported::Format) => {}
+            Err(e) => {
+                return Err(ModelError::Format(format!(
+                    "tensor '{name}' ({:?}, {shape:?}) is damaged: {e}",
+                    q.dtype()
+                )))
+            }
+        }
+    } else if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+        return Ok(Weights::Candle(
+            candle_core::quantized::QMatMul::from_qtensor(on_device()?)?,
+        ));
+    }
+    Ok(Weights::Dense(q.dequantize(device)?.to_dtype(DType::F32)?))
 }
 
 struct VarSource<'a> {

@@ -15,6 +15,7 @@ mod kv;
 mod load;
 mod quant;
 mod rope;
+pub mod synthetic;
 mod tokenizer;
 mod transformer;
 
