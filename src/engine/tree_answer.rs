@@ -239,16 +239,9 @@ impl<'a> TreeSession<'a> {
         } else {
             prompt_parts(self.llm, history, question, self.answer.concise)?
         };
-        let prompt = parts.prefix.len() + parts.suffix.len();
-        let budget = self.budget_for(settings, prompt, answer_tokens);
-        let context = conversation::search_context(history);
-        let follow = FollowUp {
-            context: &context,
-            passages: self.carried(history),
-        };
-        let retrieval = self.search(question, &follow, &parts, settings, budget)?;
+        let retrieval =
+            self.search_following(question, history, &parts, settings, answer_tokens)?;
         let selected = retrieval.selected.clone();
-        self.remember(question, &selected);
         let search_ms = start.elapsed().as_secs_f64() * 1e3;
         let prefix_len = parts.prefix.len();
         let (mut cache, prefix_run) = if history.is_empty() {
@@ -324,7 +317,7 @@ impl<'a> TreeSession<'a> {
             self.llm.model.prefill(&prefix[have..], &mut cache)?;
         }
         self.kept = Some((prefix.to_vec(), cache.fork()?));
-        Ok((cache, prefix.len() - have.min(prefix.len())))
+        Ok((cache, prefix.len() - have))
     }
 
     /// Run the conversation `history` through the model now (while the user reads the
@@ -504,6 +497,19 @@ impl<'a> TreeSession<'a> {
         }
         let history = self.recent(history)?;
         let parts = prompt_parts(self.llm, history, question, self.answer.concise)?;
+        self.search_following(question, history, &parts, settings, answer_tokens)
+    }
+
+    /// Search for `question` as a follow-up to `history` (already trimmed) in the prompt
+    /// `parts`, and note what it read in full for the question after it.
+    fn search_following(
+        &mut self,
+        question: &str,
+        history: &[Exchange],
+        parts: &PromptParts,
+        settings: &SearchSettings,
+        answer_tokens: usize,
+    ) -> Result<Retrieval, EngineError> {
         let prompt = parts.prefix.len() + parts.suffix.len();
         let budget = self.budget_for(settings, prompt, answer_tokens);
         let context = conversation::search_context(history);
@@ -511,7 +517,7 @@ impl<'a> TreeSession<'a> {
             context: &context,
             passages: self.carried(history),
         };
-        let r = self.search(question, &follow, &parts, settings, budget)?;
+        let r = self.search(question, &follow, parts, settings, budget)?;
         self.remember(question, &r.selected);
         Ok(r)
     }
