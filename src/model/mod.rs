@@ -126,7 +126,8 @@ pub fn select_device(choice: DeviceChoice) -> Result<Device> {
             "this build has no CUDA support; rebuild with `cargo build --release --features cuda`, or use --device cpu".into(),
         )),
         DeviceChoice::Cuda => {
-            Device::new_cuda(0).map_err(|e| ModelError::Device(format!("no CUDA GPU answered: {e}")))
+            // candle's error carries a backtrace when RUST_BACKTRACE is set: one line of it.
+            Device::new_cuda(0).map_err(|e| ModelError::Device(format!("no CUDA GPU answered: {}", first_line(&e))))
         }
     }
 }
