@@ -16,10 +16,12 @@ use super::Result;
 /// A model shape `bench --synthetic` can build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Shape {
-    /// SmolLM2-135M-Instruct as the default GGUF ships it: Q4_1, LLaMA block, tied head.
+    /// SmolLM2-135M-Instruct as the default GGUF ships it: Q4_1 projections, a Q8_0
+    /// embedding that is also the head, LLaMA block.
     #[value(name = "smollm2-135m")]
     Smollm2_135m,
-    /// Qwen2.5-1.5B-Instruct as Q4_K_M: Q4_K, with Q6_K for V, down and the tied embedding.
+    /// Qwen2.5-1.5B-Instruct about as Q4_K_M: Q4_K, with Q6_K for V, down and the tied
+    /// embedding (llama.cpp gives Q6_K to some of the V and down matrices only).
     #[value(name = "qwen2.5-1.5b")]
     Qwen25_1_5b,
 }
@@ -75,6 +77,7 @@ impl Shape {
     /// The block format of weight `w` in the checkpoint this shape stands for.
     fn format(self, w: Weight) -> GgmlDType {
         match (self, w) {
+            (Shape::Smollm2_135m, Weight::Embed) => GgmlDType::Q8_0,
             (Shape::Smollm2_135m, _) => GgmlDType::Q4_1,
             (Shape::Qwen25_1_5b, Weight::V(_) | Weight::Down(_) | Weight::Embed) => GgmlDType::Q6K,
             (Shape::Qwen25_1_5b, _) => GgmlDType::Q4K,
