@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::util::{default_model, exe, temp_file};
+use crate::util::{default_model, exe, temp_file, write_scandal_opening};
 
 fn sample() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/sherlock_holmes_adventures_1-3.txt")
@@ -52,13 +52,11 @@ fn truncate_answers_from_a_short_document_with_the_real_model() {
     assert_eq!(out.code, 2);
     assert!(out.stderr.contains("Usage"));
 
-    // The opening of the sample (~1,400 tokens): the whole sample would need a full 8K
-    // prefill per test run; the opening holds the answer and keeps the test quick.
-    let text = std::fs::read_to_string(sample()).expect("sample");
-    let cut = (6000..text.len())
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(text.len());
-    let (_dir, file) = temp_file("story.txt", &text.as_bytes()[..cut]);
+    // The opening of the sample: the whole sample would need a full 8K prefill per test
+    // run; the opening holds the answer and keeps the test quick.
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("story.txt");
+    write_scandal_opening(&file);
     let q = "Who does Sherlock Holmes always call the woman?";
     let args = [
         "ask",
@@ -560,13 +558,8 @@ fn write_errors_of_ask_and_extract_are_reported() {
 #[test]
 fn ask_history_carries_a_conversation_and_adds_each_turn() {
     let dir = tempfile::tempdir().expect("tmp");
-    // The opening of "A Scandal in Bohemia": a tree of a few chunks, quick to build.
-    let text = std::fs::read_to_string(sample()).expect("sample");
-    let cut = (6000..text.len())
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(text.len());
     let book = dir.path().join("scandal.txt");
-    std::fs::write(&book, &text[..cut]).expect("write book");
+    write_scandal_opening(&book);
     let history = dir.path().join("talk.jsonl");
     let cache = dir.path().join("cache");
     let env = [("SLM_CHAT_PATHS_CACHE_DIR", cache.to_str().expect("utf-8"))];

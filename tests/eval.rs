@@ -5,7 +5,7 @@ use std::process::Command;
 
 use slm_chat::eval::{load_cases, materialize};
 
-use crate::util::{default_model, exe, shared};
+use crate::util::{default_model, exe, shared, write_scandal_opening};
 
 /// Every needle case of the dev set and of our passkey set, materialized in Rust, equals
 /// the file the reference script writes.
@@ -189,14 +189,7 @@ fn eval_reports_absent_cases_beside_answerable_ones() {
     let dir = tempfile::tempdir().expect("tmp");
     let books = dir.path().join("books");
     std::fs::create_dir(&books).expect("books dir");
-    // The opening of "A Scandal in Bohemia" (~1,400 tokens: three chunks of the tree).
-    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("assets/sherlock_holmes_adventures_1-3.txt");
-    let text = std::fs::read_to_string(sample).expect("sample");
-    let cut = (6000..text.len())
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(text.len());
-    std::fs::write(books.join("scandal.txt"), &text[..cut]).expect("write book");
+    write_scandal_opening(&books.join("scandal.txt"));
     let answerable = dir.path().join("qa.jsonl");
     std::fs::write(
         &answerable,
@@ -262,13 +255,7 @@ fn eval_asks_a_conversation_with_and_without_its_turns() {
     let dir = tempfile::tempdir().expect("tmp");
     let books = dir.path().join("books");
     std::fs::create_dir(&books).expect("books dir");
-    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("assets/sherlock_holmes_adventures_1-3.txt");
-    let text = std::fs::read_to_string(sample).expect("sample");
-    let cut = (6000..text.len())
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(text.len());
-    std::fs::write(books.join("scandal.txt"), &text[..cut]).expect("write book");
+    write_scandal_opening(&books.join("scandal.txt"));
     let conv = dir.path().join("conv.jsonl");
     std::fs::write(
         &conv,

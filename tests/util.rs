@@ -133,3 +133,16 @@ pub fn temp_file(name: &str, bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
     std::fs::write(&path, bytes).expect("write temp file");
     (dir, path)
 }
+
+/// The opening of the bundled sample, "A Scandal in Bohemia" (~1,400 tokens, a tree of a
+/// few chunks, quick to build), written to `path`. It holds the answer to "Who does Sherlock
+/// Holmes always call the woman?".
+pub fn write_scandal_opening(path: &Path) {
+    let sample =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sherlock_holmes_adventures_1-3.txt");
+    let text = std::fs::read_to_string(sample).expect("sample");
+    let cut = (6000..text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
+    std::fs::write(path, &text[..cut]).expect("write the opening");
+}
