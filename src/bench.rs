@@ -208,6 +208,96 @@ fn decode_rate(m: &Model, tokens: &[u32]) -> Result<f64, ModelError> {
     Ok(DECODE_TOKENS as f64 / t.elapsed().as_secs_f64())
 }
 
+/// Tokens of the `--parity` prompt, and the share of its positions whose best token must be
+/// the same on both devices.
+pub const PARITY_TOKENS: usize = 512;
+pub const PARITY_BAR: f64 = 0.99;
+
+/// Logits of one model on two devices over the same prompt, position by position.
+#[derive(Debug, Clone, Serialize)]
+pub struct Parity {
+    pub model: String,
+    pub reference: String,
+    pub device: String,
+    pub positions: usize,
+    /// Positions where both devices pick the same best token.
+    pub argmax_agree: usize,
+    pub argmax_agreement: f64,
+    pub max_abs_delta: f32,
+    pub mean_abs_delta: f32,
+    /// Standard deviation of the reference's logits (the scale `max_abs_delta` is read on).
+    pub logit_sd: f32,
+    /// `argmax_agreement` reaches [`PARITY_BAR`].
+    pub passed: bool,
+}
+
+/// Compare `other`'s logits at every position of `tokens` with `reference`'s (the same
+/// weights on another device).
+pub fn parity(
+    model: String,
+    reference: &Model,
+    other: &Model,
+    tokens: &[u32],
+) -> Result<Parity, ModelError> {
+    let a = all_logits(reference, tokens)?;
+    let b = all_logits(other, tokens)?;
+    let (mut agree, mut max, mut sum, mut count) = (0, 0f32, 0f64, 0usize);
+    let (mut mean, mut square) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(&b) {
+        agree += usize::from(argmax(x) == argmax(y));
+        for (p, q) in x.iter().zip(y) {
+            let d = (p - q).abs();
+            max = max.max(d);
+            sum += d as f64;
+            mean += *p as f64;
+            square += (*p as f64).powi(2);
+        }
+        count += x.len();
+    }
+    let n = count.max(1) as f64;
+    mean /= n;
+    let positions = a.len();
+    let agreement = agree as f64 / positions.max(1) as f64;
+    Ok(Parity {
+        model,
+        reference: crate::model::device_name(reference.device()).to_string(),
+        device: crate::model::device_name(other.device()).to_string(),
+        positions,
+        argmax_agree: agree,
+        argmax_agreement: agreement,
+        max_abs_delta: max,
+        mean_abs_delta: (sum / n) as f32,
+        logit_sd: (square / n - mean * mean).max(0.0).sqrt() as f32,
+        passed: positions > 0 && agreement >= PARITY_BAR,
+    })
+}
+
+/// Logits `(n, vocab)` of every position of `tokens`, run as one causal prompt.
+fn all_logits(m: &Model, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
+    let positions: Vec<u32> = (0..tokens.len() as u32).collect();
+    let f = Forward::all(m, &positions);
+    let hidden = m.forward(&m.embed(tokens)?, &f, &mut m.new_cache())?.hidden;
+    Ok(m.logits(&hidden)?.to_vec2::<f32>()?)
+}
+
+/// The parity figures as a line for people.
+pub fn render_parity(p: &Parity) -> String {
+    format!(
+        "model   {}\nparity  {} against {} over {} positions: the best token agrees at {} ({:.1} %, bar {:.0} %); \
+         max |Δ| {:.4}, mean |Δ| {:.5}, logit sd {:.3}\n",
+        p.model,
+        p.device,
+        p.reference,
+        p.positions,
+        p.argmax_agree,
+        100.0 * p.argmax_agreement,
+        100.0 * PARITY_BAR,
+        p.max_abs_delta,
+        p.mean_abs_delta,
+        p.logit_sd
+    )
+}
+
 /// The report as a table for people.
 pub fn render(r: &BenchReport) -> String {
     let mut out = format!(

@@ -668,3 +668,71 @@ fn bench_runs_a_synthetic_model_without_a_file() {
     assert_ne!(out.code, 0);
     assert!(out.stderr.contains("smollm2-135m"), "{}", out.stderr);
 }
+
+/// `models --synthetic` writes a GGUF the whole app runs on (what the GPU check ingests and
+/// answers from), and `bench --parity` compares a device's logits with the CPU's (here the
+/// CPU with itself: every position agrees, no difference).
+#[test]
+fn a_synthetic_gguf_is_ingested_and_answered_and_parity_compares_devices() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let gguf = dir.path().join("synthetic.gguf");
+    let gguf = gguf.to_str().expect("utf-8");
+    let out = run_env(
+        &["models", "--synthetic", "smollm2-135m", "--out", gguf],
+        &[],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("synthetic smollm2-135m"),
+        "{}",
+        out.stdout
+    );
+
+    let doc = dir.path().join("scandal.txt");
+    write_scandal_opening(&doc);
+    let bytes = std::fs::metadata(&doc).expect("doc").len();
+    let cache = dir.path().join("cache");
+    let env = [
+        ("SLM_CHAT_PATHS_CACHE_DIR", cache.to_str().expect("utf-8")),
+        ("SLM_CHAT_ANSWER_ABSTAIN", "false"),
+        ("SLM_CHAT_SEARCH_SCORER", "bm25"),
+    ];
+    let doc = doc.to_str().expect("utf-8");
+    let ask = [
+        "ask",
+        "--json",
+        "--model",
+        gguf,
+        "--device",
+        "cpu",
+        "--max-tokens",
+        "4",
+        doc,
+        "Who is Irene Adler?",
+    ];
+    let out = run_env(&ask, &env);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("one JSON object");
+    // The byte-level tokenizer: one token per byte of the document.
+    assert_eq!(v["document_tokens"], bytes, "{v}");
+    let ids = v["answer_tokens"].as_array().expect("answer_tokens");
+    assert!((1..=4).contains(&ids.len()), "{v}");
+    assert!(!v["nodes"].as_array().expect("nodes").is_empty(), "{v}");
+
+    let parity = ["bench", "--model", gguf, "--parity", "cpu", "--json"];
+    let out = run_env(&parity, &env);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let p: serde_json::Value = serde_json::from_str(&out.stdout).expect("one JSON object");
+    assert_eq!(p["positions"], 512, "{p}");
+    assert_eq!(p["argmax_agree"], 512, "{p}");
+    assert_eq!(p["max_abs_delta"], 0.0, "{p}");
+    assert_eq!(p["passed"], true, "{p}");
+
+    let nowhere = dir.path().join("no/such/folder/x.gguf");
+    let nowhere = nowhere.to_str().expect("utf-8");
+    let out = run_env(
+        &["models", "--synthetic", "smollm2-135m", "--out", nowhere],
+        &[],
+    );
+    assert_one_line_error(&out, "cannot write");
+}

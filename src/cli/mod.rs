@@ -74,10 +74,7 @@ enum Command {
     Bench(bench::BenchArgs),
     /// List the models slm-chat knows by name; --fetch downloads the default one (or NAME)
     /// now.
-    Models {
-        #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "")]
-        fetch: Option<String>,
-    },
+    Models(models::ModelsArgs),
     /// Show where settings come from, or the settings in force.
     Config {
         #[command(subcommand)]
@@ -293,7 +290,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Command::Cache { what } => cache::run(&config, what),
         Command::Eval(a) => eval::run(&config, a),
         Command::Bench(a) => bench::run(&config, &a),
-        Command::Models { fetch } => models::run(&config, fetch),
+        Command::Models(a) => models::run(&config, a),
         Command::Config { what } => {
             match what {
                 ConfigCommand::Path => println!("{}", user_config_path().display()),

@@ -6,13 +6,58 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use super::Exit;
+use slm_chat::bench::SYNTHETIC_SEED;
 use slm_chat::config::Config;
-use slm_chat::model;
+use slm_chat::model::{self, synthetic};
 
-pub fn run(config: &Config, fetch: Option<String>) -> Result<ExitCode> {
+#[derive(clap::Args, Debug)]
+pub struct ModelsArgs {
+    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "")]
+    fetch: Option<String>,
+    /// Write a model of SHAPE on random weights (those of `bench --synthetic`) as a GGUF
+    /// file, with a byte-level tokenizer and ChatML: every command runs on it with --model
+    /// FILE, no download (for checking a machine, not for answers).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "SHAPE",
+        requires = "out",
+        conflicts_with = "fetch"
+    )]
+    synthetic: Option<synthetic::Shape>,
+    /// Where --synthetic writes the file.
+    #[arg(long, value_name = "FILE", requires = "synthetic")]
+    out: Option<PathBuf>,
+}
+
+pub fn run(config: &Config, args: ModelsArgs) -> Result<ExitCode> {
+    if let (Some(shape), Some(out)) = (args.synthetic, &args.out) {
+        let folder = out.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(folder) = folder.filter(|p| !p.is_dir()) {
+            return Err(Exit {
+                message: format!(
+                    "cannot write {}: there is no folder {}",
+                    out.display(),
+                    folder.display()
+                ),
+                code: 2,
+            }
+            .into());
+        }
+        eprintln!("slm-chat: writing {} on random weights", shape.name());
+        let bytes = synthetic::write_gguf(shape, SYNTHETIC_SEED, out)?;
+        println!(
+            "{}: synthetic {} (random weights), {} MB; use it with --model {}",
+            out.display(),
+            shape.name(),
+            bytes / 1_000_000,
+            out.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let dir = config.models_dir();
     let say = &mut |m: &str| eprintln!("slm-chat: {m}");
-    match fetch.as_deref() {
+    match args.fetch.as_deref() {
         None => {}
         Some("") => {
             model::ensure_default_model(&dir, say)?;

@@ -232,6 +232,9 @@ impl From<candle_core::Error> for EngineError {
 #[derive(Debug, Clone, Serialize)]
 pub struct Answer {
     pub answer: String,
+    /// The ids the model generated (stop token excluded; none when it abstained): what two
+    /// runs are compared on, since `answer` is trimmed text.
+    pub answer_tokens: Vec<u32>,
     /// The evidence said the document holds no answer: `answer` is [`trust::not_found`]'s
     /// sentence, not the model's.
     pub abstained: bool,
@@ -449,6 +452,7 @@ pub fn ask(
     )?;
     Ok(Answer {
         answer: gen.text.trim().to_string(),
+        answer_tokens: gen.tokens,
         abstained: false,
         evidence: None,
         support: None,

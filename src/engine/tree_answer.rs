@@ -401,6 +401,7 @@ impl<'a> TreeSession<'a> {
         t.history_tokens_run = (p.history_turns > 0).then_some(p.prefix_run);
         Ok(Answer {
             answer,
+            answer_tokens: if abstained { Vec::new() } else { gen.tokens },
             abstained,
             evidence: Some(evidence),
             support,
@@ -538,6 +539,7 @@ impl<'a> TreeSession<'a> {
         let entries = r.selected.iter().map(|s| s.entries).sum();
         Ok(Answer {
             answer: String::new(),
+            answer_tokens: Vec::new(),
             abstained: false,
             evidence: None,
             support: None,

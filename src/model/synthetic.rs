@@ -2,7 +2,13 @@
 //! --synthetic`): the speed of a shape before downloading it, and device checks on machines
 //! a model file cannot reach. The weights are quantized to the formats the real checkpoints
 //! ship in and loaded through the same code as a GGUF file's, so the kernels are the same.
+//! [`write_gguf`] saves the same model as a GGUF file with a byte-level tokenizer and a
+//! ChatML template, so the whole app (ingest, ask, eval) runs on it.
 
+use std::path::Path;
+
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
@@ -11,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use super::config::{Config, RopeScaling, RopeStyle};
 use super::load::{build, linear_weights, Source, Weight};
 use super::transformer::{Model, Weights};
-use super::Result;
+use super::{ModelError, Result};
 
 /// A model shape `bench --synthetic` can build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -74,6 +80,27 @@ impl Shape {
         }
     }
 
+    /// Mean and standard deviation of weight `w`'s values. GPT-2's initialisation: 0.02,
+    /// the projections that write into the residual stream scaled by 1/√(2 layers), norms
+    /// near 1. Plain 0.02 everywhere gives near-flat logits (the best two tokens of SmolLM2's
+    /// shape 0.08 apart at the median, 0.78 in the real model), so two correct kernels
+    /// disagree on the argmax at a few % of positions; the checkpoints' own scales (SmolLM2's
+    /// are about 0.2) make a random 30-layer net chaotic. The embedding, which is also the
+    /// head, is scaled so the best logit stands about as far above the rest as in the real
+    /// checkpoint (5–7 standard deviations).
+    fn scale(self, w: Weight) -> (f32, f32) {
+        let residual = 0.02 / (2.0 * self.config().n_layer as f32).sqrt();
+        match w {
+            Weight::AttnNorm(_) | Weight::FfnNorm(_) | Weight::OutputNorm => (1.0, 0.05),
+            Weight::O(_) | Weight::Down(_) => (0.0, residual),
+            Weight::Embed | Weight::Output => match self {
+                Shape::Smollm2_135m => (0.0, 0.05),
+                Shape::Qwen25_1_5b => (0.0, 0.1),
+            },
+            _ => (0.0, 0.02),
+        }
+    }
+
     /// The block format of weight `w` in the checkpoint this shape stands for.
     fn format(self, w: Weight) -> GgmlDType {
         match (self, w) {
@@ -87,16 +114,129 @@ impl Shape {
 
 /// Random weights of `shape` on `device`, the same for the same `seed`.
 pub fn model(shape: Shape, seed: u64, device: &Device) -> Result<Model> {
-    let mut src = Random {
-        shape,
-        rng: StdRng::seed_from_u64(seed),
-        device,
-        embed: None,
-    };
+    let mut src = Random::new(shape, seed, device);
     let mut m = build(shape.config(), device, &mut src, true)?;
     // As a GGUF model: llama.cpp's f16 rounding of Q, K, V.
     m.kv_f16 = true;
     Ok(m)
+}
+
+/// Write [`model`]`(shape, seed)` to `path` as a GGUF file (through a temporary file beside
+/// it, so a stopped write leaves nothing half-written) with a byte-level tokenizer (one
+/// token per byte; the rest of the vocabulary are words the tokenizer never produces) and
+/// ChatML. Returns the file's size.
+pub fn write_gguf(shape: Shape, seed: u64, path: &Path) -> Result<u64> {
+    let mut src = Random::new(shape, seed, &Device::Cpu);
+    src.record = Some(Vec::new());
+    let config = shape.config();
+    build(config.clone(), &Device::Cpu, &mut src, true)?;
+    let tensors = src.record.take().unwrap_or_default();
+    let metadata = gguf_metadata(shape, &config);
+    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    // tempfile appends "at path <temp name>": the user named `path`.
+    let io = |e: std::io::Error| {
+        let e = e.to_string();
+        let e = e.split(" at path ").next().unwrap_or_default();
+        ModelError::Io(format!("cannot write {}: {e}", path.display()))
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    {
+        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+        gguf_file::write(&mut w, &metadata, &tensors)?;
+        std::io::Write::flush(&mut w).map_err(io)?;
+    }
+    let bytes = tmp.as_file().metadata().map_err(io)?.len();
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(bytes)
+}
+
+/// Special tokens of the synthetic vocabulary, at ids 0, 1, 2 as in SmolLM2.
+const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+/// ChatML, as SmolLM2 and Qwen2.5 use it.
+const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// The GGUF metadata llama.cpp writes for `config`, with the synthetic tokenizer.
+fn gguf_metadata(shape: Shape, c: &Config) -> Vec<(String, Value)> {
+    let a = |key: &str| format!("{}.{key}", c.arch);
+    let u = |n: usize| Value::U32(n as u32);
+    let tokens = vocabulary(c.vocab_size);
+    let types = (0..tokens.len())
+        .map(|i| Value::I32(if i < SPECIALS.len() { 3 } else { 1 }))
+        .collect();
+    vec![
+        ("general.architecture".into(), Value::String(c.arch.clone())),
+        (
+            "general.name".into(),
+            Value::String(format!("{} (random weights)", c.name)),
+        ),
+        (a("block_count"), u(c.n_layer)),
+        (a("context_length"), u(c.context_length)),
+        (a("embedding_length"), u(c.d_model)),
+        (a("feed_forward_length"), u(c.d_ff)),
+        (a("attention.head_count"), u(c.n_head)),
+        (a("attention.head_count_kv"), u(c.n_kv_head)),
+        (a("attention.key_length"), u(c.head_dim)),
+        (a("attention.value_length"), u(c.head_dim)),
+        (
+            a("attention.layer_norm_rms_epsilon"),
+            Value::F32(c.rms_eps as f32),
+        ),
+        (a("rope.freq_base"), Value::F32(c.rope_theta as f32)),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        (
+            "tokenizer.ggml.pre".into(),
+            Value::String(
+                match shape {
+                    Shape::Smollm2_135m => "smollm",
+                    Shape::Qwen25_1_5b => "qwen2",
+                }
+                .into(),
+            ),
+        ),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        ("tokenizer.ggml.merges".into(), Value::Array(Vec::new())),
+        ("tokenizer.ggml.bos_token_id".into(), u(1)),
+        ("tokenizer.ggml.eos_token_id".into(), u(2)),
+        ("tokenizer.ggml.padding_token_id".into(), u(0)),
+        (
+            "tokenizer.chat_template".into(),
+            Value::String(CHATML.into()),
+        ),
+    ]
+}
+
+/// `n` token texts: the specials, the 256 bytes as GPT-2's byte-level alphabet spells them
+/// (printable bytes as themselves, the rest shifted past 255), then " w<i>" words.
+fn vocabulary(n: usize) -> Vec<String> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut shifted = 0u32;
+    let bytes = (0..=255u8).map(|b| {
+        let c = if printable(b) {
+            char::from(b)
+        } else {
+            shifted += 1;
+            char::from_u32(255 + shifted).unwrap_or('?')
+        };
+        c.to_string()
+    });
+    let mut v: Vec<String> = SPECIALS.iter().map(|s| s.to_string()).collect();
+    v.extend(bytes);
+    // 'Ġ' is the byte-level space.
+    let words = (v.len()..n).map(|i| format!("\u{120}w{i}"));
+    v.extend(words);
+    v.truncate(n);
+    v
 }
 
 /// `n` token ids of `vocab`, the same for the same `seed` (no tokenizer needed).
@@ -111,9 +251,21 @@ struct Random<'a> {
     device: &'a Device,
     /// The embedding's blocks: a GPU lookup table is read back from them, as from a file.
     embed: Option<QTensor>,
+    /// Every tensor made, under its GGUF name, as the file stores it (for [`write_gguf`]).
+    record: Option<Vec<(String, QTensor)>>,
 }
 
-impl Random<'_> {
+impl<'a> Random<'a> {
+    fn new(shape: Shape, seed: u64, device: &'a Device) -> Self {
+        Self {
+            shape,
+            rng: StdRng::seed_from_u64(seed),
+            device,
+            embed: None,
+            record: None,
+        }
+    }
+
     /// Uniform values of standard deviation `sd` around `mean`, on the CPU.
     fn values(&mut self, shape: &[usize], mean: f32, sd: f32) -> Result<Tensor> {
         let half = sd * 3f32.sqrt();
@@ -130,13 +282,11 @@ impl Source for Random<'_> {
         if let (Weight::Embed, Some(q)) = (w, &self.embed) {
             return Ok(q.dequantize(self.device)?);
         }
-        // Norm weights near 1, everything else small, as trained checkpoints have them.
-        let t = match w {
-            Weight::AttnNorm(_) | Weight::FfnNorm(_) | Weight::OutputNorm => {
-                self.values(shape, 1.0, 0.05)?
-            }
-            _ => self.values(shape, 0.0, 0.02)?,
-        };
+        let (mean, sd) = self.shape.scale(w);
+        let t = self.values(shape, mean, sd)?;
+        if let Some(record) = &mut self.record {
+            record.push((w.gguf(), QTensor::quantize(&t, GgmlDType::F32)?));
+        }
         Ok(t.to_device(self.device)?)
     }
 
@@ -152,9 +302,14 @@ impl Source for Random<'_> {
     }
 
     fn get_linear(&mut self, w: Weight, shape: &[usize]) -> Result<Weights> {
-        let f = self.values(shape, 0.0, 0.02)?;
+        let (mean, sd) = self.shape.scale(w);
+        let f = self.values(shape, mean, sd)?;
         let format = self.shape.format(w);
         let q = QTensor::quantize(&f, format)?;
+        if let Some(record) = &mut self.record {
+            let copy = qtensor_from_ggml(format, &q.data()?, shape.to_vec(), &Device::Cpu)?;
+            record.push((w.gguf(), copy));
+        }
         if let Weight::Embed = w {
             self.embed = Some(QTensor::quantize(&f, format)?);
         }
@@ -183,7 +338,48 @@ mod tests {
         );
         assert_eq!(la.to_vec1::<f32>()?, lb.to_vec1::<f32>()?);
         assert_eq!(la.dims(), &[49152]);
-        assert!(la.to_vec1::<f32>()?.iter().all(|x| x.is_finite()));
+        let logits = la.to_vec1::<f32>()?;
+        assert!(logits.iter().all(|x| x.is_finite()));
+        // The best token stands clear of the rest, as in a trained model: a device check's
+        // argmax agreement then measures the kernels, not ties.
+        let n = logits.len() as f32;
+        let mean = logits.iter().sum::<f32>() / n;
+        let sd = (logits.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / n).sqrt();
+        let best = logits[crate::model::argmax(&logits) as usize];
+        assert!(
+            (best - mean) / sd > 4.0,
+            "best logit {best}, mean {mean}, sd {sd}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn the_written_gguf_is_the_same_model_with_a_byte_tokenizer() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("synthetic.gguf");
+        let bytes = write_gguf(Shape::Smollm2_135m, 3, &path)?;
+        assert_eq!(bytes, std::fs::metadata(&path)?.len());
+        let llm = crate::model::load(&path, &Device::Cpu)?;
+        let m = model(Shape::Smollm2_135m, 3, &Device::Cpu)?;
+        assert_eq!(llm.model.weight_bytes(), m.weight_bytes());
+        let ids = tokens(8, 49152, 3);
+        let (a, b) = (
+            llm.model.prefill(&ids, &mut llm.model.new_cache())?,
+            m.prefill(&ids, &mut m.new_cache())?,
+        );
+        assert_eq!(a.to_vec1::<f32>()?, b.to_vec1::<f32>()?);
+
+        let text = "Hi there,\n\tcafé 42!";
+        let t = &llm.tokenizer;
+        let ids = t.encode(text, false)?;
+        assert_eq!(ids.len(), text.len(), "one token per byte: {ids:?}");
+        assert_eq!(t.decode(&ids)?, text);
+        assert_eq!(t.encode("<|im_end|>", true)?, vec![2]);
+        assert_eq!(t.decode(&[300, 301])?, " w300 w301");
+        let prompt = llm
+            .chat
+            .render(&[crate::model::Message::user("Q?")], true)?;
+        assert!(prompt.ends_with("<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"));
         Ok(())
     }
 }
