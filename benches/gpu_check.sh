@@ -41,10 +41,12 @@ prepare() {
 # Put the NVIDIA libraries the CUDA binary links (cuBLAS, cuRAND, the CUDA runtime) on the
 # library path: from a CUDA toolkit or from the pip wheels of a PyTorch install.
 find_cuda_libs() {
-  local lib dir
-  for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; do
-    dir=$(find /usr/local/cuda*/ /usr/local/nvidia /usr/lib /opt /usr/local/lib -name "$lib" \
-      -print -quit 2>/dev/null | xargs -r dirname)
+  local lib dir libs="libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13"
+  # The driver's libcuda is normally known to the loader; never a toolkit's stub.
+  ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 ' || libs="$libs libcuda.so.1"
+  for lib in $libs; do
+    dir=$(find /usr/local/nvidia /usr/local/cuda*/ /usr/lib /opt /usr/local/lib -name "$lib" \
+      -not -path '*/stubs/*' -print -quit 2>/dev/null | xargs -r dirname)
     [ -n "$dir" ] && LD_LIBRARY_PATH="$dir:${LD_LIBRARY_PATH:-}"
   done
   export LD_LIBRARY_PATH
@@ -107,6 +109,7 @@ run() {
     echo $? >"$W/out/$name.rc"
     mem_stop
     echo "   exit $(cat "$W/out/$name.rc") in $((SECONDS - t0)) s" >&2
+    [ "$(cat "$W/out/$name.rc")" = 0 ] || tail -n 3 "$W/out/$name.log" | sed 's/^/   /' >&2
   }
 
   for s in $shapes; do
