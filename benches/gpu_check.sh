@@ -4,7 +4,8 @@
 #
 #   bash benches/gpu_check.sh prepare   # here: build the CUDA binary, pack it into .gpu/
 #   # then, with the device tool: command "bash benches/gpu_check.sh run", carry [".gpu"]
-#   GPU_CHECK_DEVICE=cpu bash benches/gpu_check.sh run   # the same run on this machine's CPU
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_BIN=target/release/slm-chat bash benches/gpu_check.sh run
+#                                       # the same run on this machine's CPU (the CPU build)
 #
 # `run` checks, for the 135M (SmolLM2) and 1.5B (Qwen2.5) shapes:
 #   (a) parity: `bench --parity` of the device against the CPU over a 512-token prompt —
@@ -66,7 +67,9 @@ run() {
   fi
   [ "$DEVICE" = cuda ] && find_cuda_libs
   if ldd "$BIN" | grep -q 'not found'; then
-    echo "gpu_check: $BIN cannot load:"; ldd "$BIN" | grep 'not found'; exit 2
+    echo "gpu_check: $BIN cannot load (no NVIDIA libraries here?):"; ldd "$BIN" | grep 'not found'
+    echo "  on a machine without them: LD_LIBRARY_PATH=\$SLM_CUDA_CPU_ONLY_LD_LIBRARY_PATH (.ci/cuda-env.sh), or GPU_CHECK_BIN=target/release/slm-chat"
+    exit 2
   fi
   local doc_bytes bench_flags shapes
   if [ "$DEVICE" = cpu ]; then
