@@ -167,11 +167,18 @@ def row(check, result, bar, ok):
     rows.append((check, result, bar, "pass" if ok else ("FAIL" if ok is False else "")))
     failed |= ok is False
 
-for s in shapes:
-    rc, p = get(f"parity-{s}")
-    if p is None:
+def ran(name, check, bar=""):
+    """The step's JSON, or None after a FAIL row saying why it did not run."""
+    global broken
+    rc, v = get(name)
+    if v is None:
         broken = True
-        row(f"{s}: parity", f"did not run (exit {rc}: {why(f'parity-{s}')})", "≥ 99 %", False)
+        row(check, f"did not run (exit {rc}: {why(name)})", bar, False)
+    return v
+
+for s in shapes:
+    p = ran(f"parity-{s}", f"{s}: parity", "≥ 99 %")
+    if p is None:
         continue
     row(f"{s}: best token, {p['device']} vs {p['reference']}",
         f"{p['argmax_agree']}/{p['positions']} positions ({100 * p['argmax_agreement']:.1f} %)",
@@ -179,28 +186,17 @@ for s in shapes:
     row(f"{s}: logits max / mean abs Δ",
         f"{p['max_abs_delta']:.4f} / {p['mean_abs_delta']:.5f} (logit sd {p['logit_sd']:.2f})", "", None)
 
-rc, gi = get("ingest-device")
-rc2, ci = get("ingest-cpu")
-if gi is None or ci is None:
-    broken = True
-    row("tree: ingest", f"did not run: {why('ingest-device' if gi is None else 'ingest-cpu')}", "", False)
-else:
+gi = ran("ingest-device", f"tree: ingest on {device}")
+ci = ran("ingest-cpu", "tree: the CPU opens it") if gi is not None else None
+if gi is not None and ci is not None:
     row(f"tree: ingest on {device}", f"{gi['tokens']:,} tokens in {gi['seconds']:.1f} s, "
         f"{gi['tok_s']:,.0f} tok/s (lower model {gi['encode_secs']:.1f} s), store {gi['store_bytes'] / 1e9:.2f} GB, "
         f"GPU memory {mem('ingest-device')}",
         "≥ 20,000 tok/s (135M)" if device == "cuda" else "", gi["tok_s"] >= 20000 if device == "cuda" else None)
     row("tree: the CPU finds it stored", "stored, not rebuilt" if not ci["built"] else "REBUILT", "not rebuilt",
         not ci["built"])
-answers = {}
-for n in ("ask1", "ask32"):
-    for d in (device, "cpu"):
-        rc, a = get(f"{n}-{d}")
-        answers[(n, d)] = a
-if any(a is None for a in answers.values()):
-    broken = True
-    bad = next(f"{n}-{d}" for (n, d), a in answers.items() if a is None)
-    row("tree: answers", f"did not run: {why(bad)}", "", False)
-else:
+answers = {(n, d): ran(f"{n}-{d}", f"tree: {n} on {d}") for n in ("ask1", "ask32") for d in (device, "cpu")}
+if all(a is not None for a in answers.values()):
     a1, c1 = answers[("ask1", device)]["answer_tokens"], answers[("ask1", "cpu")]["answer_tokens"]
     row(f"tree: first answer token, {device} vs cpu", f"{a1} vs {c1}", "same", len(a1) == 1 and a1 == c1)
     a32, c32 = answers[("ask32", device)]["answer_tokens"], answers[("ask32", "cpu")]["answer_tokens"]
@@ -211,10 +207,8 @@ else:
     row(f"tree: answer on {device}", f"first token {t['first_token_ms']:.0f} ms, decode {t['decode_tok_s']:.0f} tok/s", "", None)
 
 for s in shapes:
-    rc, b = get(f"bench-{s}")
+    b = ran(f"bench-{s}", f"{s}: bench")
     if b is None:
-        broken = True
-        row(f"{s}: bench", f"did not run (exit {rc}: {why(f'bench-{s}')})", "", False)
         continue
     figs = ", ".join(f"{f['name']} {f['median_tok_s']:,.0f}" for f in b["figures"])
     row(f"{s}: bench on {b['device']} (tok/s, median)", f"{figs}; GPU memory {mem(f'bench-{s}')}", "", None)
