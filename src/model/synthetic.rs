@@ -270,7 +270,7 @@ impl<'a> Random<'a> {
     /// Uniform values of standard deviation `sd` around `mean`, on the CPU. Drawn in
     /// parallel (a 1.5B shape is 1.5G draws): each piece has its own stream, seeded from the
     /// tensor's seed and the piece's index, so the values do not depend on the thread count.
-    fn values(&mut self, shape: &[usize], mean: f32, sd: f32) -> Result<Tensor> {
+    fn values(&mut self, shape: &[usize], mean: f32, sd: f32) -> Vec<f32> {
         const PIECE: usize = 1 << 16;
         let half = sd * 3f32.sqrt();
         let seed: u64 = self.rng.random();
@@ -282,17 +282,15 @@ impl<'a> Random<'a> {
                 *x = mean + rng.random_range(-half..half);
             }
         });
-        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+        v
     }
 }
 
-/// `f` `(rows, cols)` quantized to `format`, row groups in parallel: a row's blocks depend
-/// on that row alone, so the bytes are those of quantizing it whole (candle does it on one
-/// thread: a minute for the 1.5B shape).
-fn quantize(f: &Tensor, format: GgmlDType) -> Result<QTensor> {
+/// The blocks of `values` (rows of `cols`) quantized to `format`, row groups in parallel: a
+/// row's blocks depend on that row alone, so the bytes are those of quantizing the matrix
+/// whole (candle does it on one thread: a minute for the 1.5B shape).
+fn quantize(values: &[f32], cols: usize, format: GgmlDType) -> Result<Vec<u8>> {
     const ROWS: usize = 256;
-    let (rows, cols) = f.dims2()?;
-    let values = f.flatten_all()?.to_vec1::<f32>()?;
     let pieces: Vec<Vec<u8>> = values
         .par_chunks(ROWS * cols)
         .map(|piece| {
@@ -300,13 +298,7 @@ fn quantize(f: &Tensor, format: GgmlDType) -> Result<QTensor> {
             Ok(QTensor::quantize(&t, format)?.data()?.into_owned())
         })
         .collect::<Result<_>>()?;
-    let blocks = pieces.concat();
-    Ok(qtensor_from_ggml(
-        format,
-        &blocks,
-        vec![rows, cols],
-        &Device::Cpu,
-    )?)
+    Ok(pieces.concat())
 }
 
 impl Source for Random<'_> {
@@ -315,7 +307,7 @@ impl Source for Random<'_> {
             return Ok(q.dequantize(self.device)?);
         }
         let (mean, sd) = self.shape.scale(w);
-        let t = self.values(shape, mean, sd)?;
+        let t = Tensor::from_vec(self.values(shape, mean, sd), shape, &Device::Cpu)?;
         if let Some(record) = &mut self.record {
             record.push((w.gguf(), QTensor::quantize(&t, GgmlDType::F32)?));
         }
@@ -335,11 +327,10 @@ impl Source for Random<'_> {
 
     fn get_linear(&mut self, w: Weight, shape: &[usize]) -> Result<Weights> {
         let (mean, sd) = self.shape.scale(w);
-        let f = self.values(shape, mean, sd)?;
         let format = self.shape.format(w);
-        let q = quantize(&f, format)?;
-        let blocks = q.data()?.into_owned();
+        let blocks = quantize(&self.values(shape, mean, sd), shape[1], format)?;
         let copy = |device: &Device| qtensor_from_ggml(format, &blocks, shape.to_vec(), device);
+        let q = copy(&Device::Cpu)?;
         if let Some(record) = &mut self.record {
             record.push((w.gguf(), copy(&Device::Cpu)?));
         }
@@ -387,7 +378,8 @@ mod tests {
     #[test]
     fn row_groups_quantize_to_the_bytes_of_the_whole() -> Result<()> {
         let mut src = Random::new(Shape::Qwen25_1_5b, 5, &Device::Cpu);
-        let f = src.values(&[600, 512], 0.0, 0.02)?;
+        let v = src.values(&[600, 512], 0.0, 0.02);
+        let f = Tensor::from_slice(&v, (600, 512), &Device::Cpu)?;
         for format in [
             GgmlDType::Q4_1,
             GgmlDType::Q8_0,
@@ -395,7 +387,7 @@ mod tests {
             GgmlDType::Q6K,
         ] {
             let whole = QTensor::quantize(&f, format)?;
-            let same = quantize(&f, format)?.data()? == whole.data()?;
+            let same = quantize(&v, 512, format)? == whole.data()?.as_ref();
             assert!(
                 same,
                 "{format:?}: the row groups' bytes differ from the whole's"
